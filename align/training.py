@@ -1,0 +1,163 @@
+"""What every training stage shares: the run context, the TRL arguments built from
+``train.*``, the final evaluation, and writing the run's outputs and summary."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from align import artifacts
+from align.tracking import Tracker, config_dict, is_main_process
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class StageContext:
+    cfg: Any
+    run_dir: Path
+    tracker: Tracker
+    started: float = field(default_factory=time.time)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def needed_train_rows(cfg: Any) -> int | None:
+    """Rows a run with ``train.max_steps`` will consume (None: a whole number of epochs)."""
+    t = cfg.train
+    if t.max_steps <= 0:
+        return None
+    return t.max_steps * t.batch_size * t.grad_accum * world_size()
+
+
+def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...)."""
+    t = ctx.cfg.train
+    periodic_eval = has_eval and t.eval_steps > 0
+    return dict(
+        output_dir=str(ctx.run_dir / "checkpoints"),
+        learning_rate=t.lr,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=t.eval_steps if periodic_eval else None,
+        save_strategy="no",
+        report_to=ctx.tracker.report_to,
+        run_name=ctx.tracker.info.get("name"),
+        seed=ctx.cfg.seed,
+        data_seed=ctx.cfg.seed,
+        dataloader_num_workers=t.num_workers,
+        disable_tqdm=False,
+        **runtime.trainer_kwargs(),
+    )
+
+
+def evaluate(trainer: Any) -> dict[str, float]:
+    """Held-out metrics of the trained model (an empty dict when there is no held-out set)."""
+    if trainer.eval_dataset is None:
+        return {}
+    raw = trainer.evaluate()
+    return {k.replace("eval_", "eval/", 1): float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+
+def train_metrics(trainer: Any) -> dict[str, float]:
+    """The last logged training values (loss and the trainer's own metrics)."""
+    out: dict[str, float] = {}
+    for entry in trainer.state.log_history:
+        for k, v in entry.items():
+            if isinstance(v, int | float) and not k.startswith("eval_") and k not in ("epoch", "step"):
+                out[f"train/{k}"] = float(v)
+    out["train/global_step"] = float(trainer.state.global_step)
+    return out
+
+
+def first_logged(trainer: Any, key: str) -> float | None:
+    for entry in trainer.state.log_history:
+        if key in entry:
+            return float(entry[key])
+    return None
+
+
+def finish(
+    ctx: StageContext,
+    *,
+    model: Any,
+    tokenizer: Any,
+    metrics: dict[str, float],
+    data_info: dict[str, Any],
+    headline: list[str],
+    next_hint: str | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Save the adapter, metrics.json, config.yaml and artifact.json (last); print the summary."""
+    from align import backbone
+
+    run_dir = ctx.run_dir
+    elapsed = time.time() - ctx.started
+    metrics = {**metrics, "time/wall_s": round(elapsed, 1)}
+    if is_main_process():
+        backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
+        OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
+        artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
+        ctx.tracker.summary(metrics)
+        artifacts.write_manifest(
+            run_dir,
+            stage=ctx.cfg.stage,
+            cfg=ctx.cfg,
+            adapter_path=ADAPTER_DIR,
+            data=data_info | (lineage or {}),
+            metrics=metrics,
+            tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
+        )
+        print(summary_text(ctx, metrics, headline, elapsed, next_hint), flush=True)
+    return metrics
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, float) and (abs(v) >= 1e4 or (0 < abs(v) < 1e-3)):
+        return f"{v:.3e}"
+    return f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}"
+
+
+def summary_text(ctx: StageContext, metrics: dict, headline: list[str], elapsed: float, next_hint: str | None) -> str:
+    m, s = divmod(int(math.ceil(elapsed)), 60)
+    lines = [
+        "",
+        f"align: stage={ctx.cfg.stage} finished in {m}m{s:02d}s",
+        f"  outputs  {ctx.run_dir}",
+        f"  adapter  {ctx.run_dir / ADAPTER_DIR}",
+    ]
+    shown = [k for k in headline if k in metrics]
+    if shown:
+        lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
+    lines.append(f"           (all metrics: {ctx.run_dir / 'metrics.json'})")
+    hint = ctx.tracker.sync_hint
+    if ctx.tracker.mode == "offline" and hint:
+        lines.append(f"  W&B      offline run; upload it with: {hint}")
+    elif ctx.tracker.mode == "online" and hint:
+        lines.append(f"  W&B      {hint}")
+    else:
+        lines.append("  W&B      disabled")
+    if next_hint:
+        lines.append(f"  next     {next_hint}")
+    return "\n".join(lines)
