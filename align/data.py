@@ -41,7 +41,7 @@ def reward_data_dir() -> Path:
     """The shipped data: reward_data/ in a checkout, align/reward_data in an installed wheel."""
     here = Path(__file__).resolve().parent
     for cand in (here / "reward_data", here.parent / "reward_data"):
-        if (cand / "README.md").is_file():
+        if (cand / "pairs_train.jsonl").is_file():
             return cand
     raise AlignError("the shipped reward_data/ directory is missing from this installation; reinstall align")
 

@@ -21,8 +21,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     if cfg.dpo.init:
         init = artifacts.read(cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"),
                               base_model=cfg.model.name_or_path)
-    bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     split = data.load(cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
+    bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = DPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,

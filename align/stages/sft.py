@@ -12,8 +12,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     from trl import SFTConfig, SFTTrainer
 
     cfg = ctx.cfg
-    bb = backbone.build(cfg)
     split = data.load(cfg.data, "sft", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
+    bb = backbone.build(cfg)
     args = SFTConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
