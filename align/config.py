@@ -20,7 +20,7 @@ from omegaconf import MISSING
 
 from align.errors import AlignError
 
-STAGES = ("sft", "dpo")
+STAGES = ("sft", "dpo", "rm", "ppo", "rlhf")
 
 
 class AdapterKind(str, Enum):
@@ -164,6 +164,61 @@ class DPOStageConfig:
 
 
 @dataclass
+class RMStageConfig:
+    """Reward model: a LoRA (task SEQ_CLS) + scalar score head on the base, trained on pairs."""
+
+    center_rewards_coefficient: float | None = None  # e.g. 0.01: pulls mean reward towards 0
+
+
+@dataclass
+class PPOStageConfig:
+    """PPO on one shared base with named LoRA adapters (policy, value, reward, reference).
+
+    One PPO step: ``train.batch_size * train.grad_accum * num_mini_batches`` prompts per
+    process are rolled out; ``train.max_steps`` is the number of PPO steps.
+    """
+
+    policy: str | None = None  # an sft/dpo/ppo run dir: policy starts there and it is the reference
+    reward: str | None = None  # an rm run dir, or judge:<name> (judge:ifeval), or fn:<module>:<function>
+    value_from_reward: bool = True  # initialise the value adapter + head from the reward model
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k3 (http://joschu.net/blog/kl-approx.html)
+    target_kl: float | None = None  # set: adaptive KL controller (Ziegler et al. 2019) towards it
+    kl_horizon: int = 10000
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of completions without EOS
+    whiten_rewards: bool = False
+    reward_clip: float | None = None  # clip scores to [-reward_clip, reward_clip]
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 2
+    num_mini_batches: int = 1
+    sample_every: int = 5  # W&B table of prompts/completions every N steps (0: never)
+    separate_models: bool = False  # benchmark baseline: four model copies (policy, ref, reward, value)
+
+
+def _rlhf_train(**kw: Any) -> Any:
+    return field(default_factory=lambda: TrainConfig(**kw))
+
+
+@dataclass
+class RLHFStageConfig:
+    """stage=rlhf runs sft -> rm -> ppo; each sub-stage takes its train.* from here
+    (``rlhf.sft.max_steps=10``), its own keys from ``sft.*``/``rm.*``/``ppo.*``."""
+
+    stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    sft: TrainConfig = _rlhf_train(lr=2e-4, max_steps=24, batch_size=4, logging_steps=4)
+    rm: TrainConfig = _rlhf_train(lr=1e-4, max_steps=24, batch_size=4, logging_steps=4)
+    ppo: TrainConfig = _rlhf_train(lr=2e-5, max_steps=6, batch_size=4, logging_steps=1)
+
+
+@dataclass
 class AlignConfig:
     stage: str = MISSING
     seed: int = 42
@@ -175,6 +230,9 @@ class AlignConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    rm: RMStageConfig = field(default_factory=RMStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    rlhf: RLHFStageConfig = field(default_factory=RLHFStageConfig)
 
 
 def register() -> None:
@@ -228,3 +286,56 @@ def validate(cfg: Any) -> None:
             )
         if cfg.dpo.beta <= 0:
             raise AlignError(f"dpo.beta={cfg.dpo.beta} must be positive")
+    if cfg.stage in ("ppo", "rlhf"):
+        validate_ppo(cfg)
+    if cfg.stage == "rlhf":
+        order = ["sft", "rm", "ppo"]
+        chosen = list(cfg.rlhf.stages)
+        if not chosen or any(x not in order for x in chosen) or chosen != sorted(set(chosen), key=order.index):
+            raise AlignError(f"rlhf.stages={list(cfg.rlhf.stages)}: use an ordered subset of [sft, rm, ppo]")
+        for name in cfg.rlhf.stages:
+            t = cfg.rlhf[name]
+            if t.lr <= 0 or t.batch_size <= 0 or t.grad_accum <= 0 or t.max_steps == 0:
+                raise AlignError(f"rlhf.{name}: lr, batch_size, grad_accum must be positive and max_steps != 0")
+
+
+def validate_ppo(cfg: Any) -> None:
+    p = cfg.ppo
+    if p.reward is not None and not p.reward.strip():
+        raise AlignError("ppo.reward is empty; give an rm run directory or judge:ifeval")
+    if cfg.stage == "ppo" and not p.reward:
+        raise AlignError(
+            "stage=ppo needs a reward: ppo.reward=<rm run dir> (from stage=rm) or ppo.reward=judge:ifeval"
+        )
+    if p.reward and p.reward.startswith("fn:") and p.reward.count(":") != 2:
+        raise AlignError(f"ppo.reward={p.reward!r}: write fn:<module>:<function>")
+    if cfg.adapter.kind == AdapterKind.none:
+        raise AlignError("PPO shares one frozen base between named adapters; use adapter=lora, qlora or dora")
+    if p.max_new_tokens <= 0:
+        raise AlignError(f"ppo.max_new_tokens={p.max_new_tokens} must be positive")
+    if p.max_new_tokens >= cfg.model.max_length:
+        raise AlignError(f"ppo.max_new_tokens={p.max_new_tokens} must be below model.max_length={cfg.model.max_length}")
+    if p.temperature <= 0:
+        raise AlignError(f"ppo.temperature={p.temperature} must be positive (sampling is required for PPO)")
+    if not 0 < p.top_p <= 1:
+        raise AlignError(f"ppo.top_p={p.top_p} must be in (0, 1]")
+    if p.kl_coef < 0:
+        raise AlignError(f"ppo.kl_coef={p.kl_coef} must be >= 0")
+    if p.kl_estimator not in ("k1", "k3"):
+        raise AlignError(f"ppo.kl_estimator={p.kl_estimator!r}: use k1 or k3")
+    if p.target_kl is not None and p.target_kl <= 0:
+        raise AlignError(f"ppo.target_kl={p.target_kl} must be positive (or null for a fixed kl_coef)")
+    if p.kl_horizon <= 0:
+        raise AlignError(f"ppo.kl_horizon={p.kl_horizon} must be positive")
+    if not 0 <= p.gamma <= 1 or not 0 <= p.lam <= 1:
+        raise AlignError(f"ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in [0, 1]")
+    if p.cliprange <= 0 or p.cliprange_value <= 0:
+        raise AlignError("ppo.cliprange and ppo.cliprange_value must be positive")
+    if p.vf_coef < 0:
+        raise AlignError(f"ppo.vf_coef={p.vf_coef} must be >= 0")
+    if p.ppo_epochs <= 0 or p.num_mini_batches <= 0:
+        raise AlignError("ppo.ppo_epochs and ppo.num_mini_batches must be positive")
+    if p.reward_clip is not None and p.reward_clip <= 0:
+        raise AlignError(f"ppo.reward_clip={p.reward_clip} must be positive (or null)")
+    if cfg.stage == "ppo" and cfg.train.max_steps <= 0:
+        raise AlignError("stage=ppo counts PPO steps: set train.max_steps > 0")

@@ -1,0 +1,42 @@
+"""RM: preference pairs -> reward model (LoRA task SEQ_CLS + scalar score head) with TRL's
+RewardTrainer. The adapter directory holds the LoRA weights and the trained ``score``
+head (peft keeps it in ``modules_to_save``), which is what PPO loads as its reward."""
+
+from __future__ import annotations
+
+from align import backbone, data, training
+from align.training import StageContext
+
+HEADLINE = ["eval/accuracy", "eval/margin", "eval/loss", "train/loss", "train/global_step"]
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = ctx.cfg
+    split = data.load(cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
+    bb = backbone.build(cfg, task="seq_cls")
+    args = RewardConfig(
+        **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
+        max_length=cfg.model.max_length,
+        center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
+    )
+    trainer = RewardTrainer(
+        model=bb.model,
+        args=args,
+        train_dataset=split.train,
+        eval_dataset=split.eval,
+        processing_class=bb.tokenizer,
+        peft_config=bb.peft_config,
+    )
+    trainer.train()
+    metrics = training.train_metrics(trainer) | training.evaluate(trainer)
+    return training.finish(
+        ctx,
+        model=trainer.model,
+        tokenizer=bb.tokenizer,
+        metrics=metrics,
+        data_info=split.info,
+        headline=HEADLINE,
+        next_hint=f"python -m align stage=ppo ppo.reward={ctx.run_dir} ppo.policy=<sft run dir>",
+    )
