@@ -92,8 +92,16 @@ class Artifact:
         return self.manifest.get("metrics", {})
 
 
-def write_manifest(run_dir: Path, *, stage: str, cfg: Any, adapter_path: str | None, data: dict, metrics: dict,
-                   tracking: dict | None = None) -> Path:
+def write_manifest(
+    run_dir: Path,
+    *,
+    stage: str,
+    cfg: Any,
+    adapter_path: str | None,
+    data: dict,
+    metrics: dict,
+    tracking: dict | None = None,
+) -> Path:
     manifest = {
         "format": FORMAT,
         "stage": stage,
@@ -122,8 +130,13 @@ def write_manifest(run_dir: Path, *, stage: str, cfg: Any, adapter_path: str | N
     return path
 
 
-def read(run_dir: str | Path, *, key: str, expect_stage: tuple[str, ...] | None = None,
-         base_model: str | None = None) -> Artifact:
+def read(
+    run_dir: str | Path,
+    *,
+    key: str,
+    expect_stage: tuple[str, ...] | None = None,
+    base_model: str | None = None,
+) -> Artifact:
     """Read an earlier stage's output. ``key`` is the config key that named it (for messages)."""
     d = Path(run_dir).expanduser()
     if not d.is_dir():
@@ -142,7 +155,9 @@ def read(run_dir: str | Path, *, key: str, expect_stage: tuple[str, ...] | None 
         raise AlignError(f"{path}: unknown manifest format {manifest.get('format')!r} (expected {FORMAT})")
     art = Artifact(d, manifest)
     if expect_stage and art.stage not in expect_stage:
-        raise AlignError(f"{key}={run_dir}: is the output of stage={art.stage}; expected {' or '.join(expect_stage)}")
+        raise AlignError(
+            f"{key}={run_dir}: is the output of stage={art.stage}; expected {' or '.join(expect_stage)}"
+        )
     if base_model is not None and art.base_model != base_model:
         raise AlignError(
             f"{key}={run_dir}: was trained on base model {art.base_model!r}, but this run uses "

@@ -99,7 +99,9 @@ def detect_runtime(cfg: Any) -> Runtime:
         if device == "cpu" and dtype == torch.float16:
             raise AlignError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16")
     gc = cfg.train.gradient_checkpointing
-    return Runtime(device=device, dtype=dtype, gradient_checkpointing=(device == "cuda") if gc is None else gc)
+    return Runtime(
+        device=device, dtype=dtype, gradient_checkpointing=(device == "cuda") if gc is None else gc
+    )
 
 
 # --------------------------------------------------------------------------- model path
@@ -124,7 +126,9 @@ def _embedded_gguf(spec: EmbeddedModel) -> Path:
             path = Path(dist.locate_file(f))
             if path.is_file():
                 return path
-    raise AlignError(f"{spec.distribution} {dist.version} has no {spec.gguf_file}; reinstall it with: {install}")
+    raise AlignError(
+        f"{spec.distribution} {dist.version} has no {spec.gguf_file}; reinstall it with: {install}"
+    )
 
 
 def embedded_model_dir(name: str) -> Path:
@@ -134,7 +138,9 @@ def embedded_model_dir(name: str) -> Path:
     into a model built from the same config. Later calls reuse the directory (<1 s).
     """
     if name not in EMBEDDED:
-        raise AlignError(f"model.name_or_path=embedded:{name}: unknown; embedded models: {', '.join(EMBEDDED)}")
+        raise AlignError(
+            f"model.name_or_path=embedded:{name}: unknown; embedded models: {', '.join(EMBEDDED)}"
+        )
     spec = EMBEDDED[name]
     target = cache_root() / "models" / f"{name}-{spec.version}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -348,3 +354,83 @@ def parameter_counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# --------------------------------------------------------------------------- named adapters on one base
+# PPO keeps one base in memory and switches named LoRA adapters on it (policy, reference,
+# value, reward). The reward adapter was trained with task SEQ_CLS on a sequence-classification
+# model; its LoRA weights fit the causal-LM base unchanged (same module names), and its
+# ``score`` head (saved through peft's modules_to_save) is returned for the caller to apply.
+
+
+def add_adapter(model, cfg: Any, name: str, *, from_dir: str | Path | None = None, trainable: bool = True):
+    """Add LoRA adapter ``name`` to causal-LM ``model`` (wrapped in a PeftModel if it is not one).
+
+    Fresh from ``cfg.adapter`` when ``from_dir`` is None; otherwise the saved adapter's LoRA
+    weights (any task type). Returns ``(peft_model, extra)``: ``extra`` maps module names the
+    causal LM lacks (e.g. ``score.weight`` of a reward model) to their saved tensors.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    extra: dict[str, torch.Tensor] = {}
+    lora_weights = None
+    if from_dir is None:
+        lcfg = peft_config(cfg)
+        if lcfg is None:
+            raise AlignError("named adapters need adapter=lora, qlora or dora (not adapter=none)")
+    else:
+        try:
+            lcfg = PeftConfig.from_pretrained(str(from_dir))
+            weights = load_peft_weights(str(from_dir), device="cpu")
+        except (OSError, ValueError) as e:
+            raise AlignError(f"cannot read the adapter in {from_dir}: {e}") from None
+        lcfg.task_type = "CAUSAL_LM"
+        lcfg.modules_to_save = None
+        lora_weights = {k: v for k, v in weights.items() if "lora_" in k}
+        prefix = "base_model.model."
+        extra = {k.removeprefix(prefix): v for k, v in weights.items() if "lora_" not in k}
+    lcfg.inference_mode = not trainable
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, lcfg)
+    else:
+        model = get_peft_model(model, lcfg, adapter_name=name)
+    if lora_weights is not None:
+        result = set_peft_model_state_dict(model, lora_weights, adapter_name=name)
+        if result.unexpected_keys:
+            raise AlignError(
+                f"the adapter in {from_dir} does not fit this base model "
+                f"({len(result.unexpected_keys)} unexpected weights, e.g. {result.unexpected_keys[0]}); "
+                "was it trained on the same model=?"
+            )
+    model.set_requires_grad(name, requires_grad=trainable)
+    return model, extra
+
+
+def scalar_head_weight(extra: dict[str, torch.Tensor], hidden_size: int, where: Any = "") -> torch.Tensor:
+    """The (1, hidden) weight of a saved scalar head (a reward model's ``score``)."""
+    for key in ("score.weight", "classifier.weight", "v_head.summary.weight"):
+        w = extra.get(key)
+        if w is not None and tuple(w.shape) == (1, hidden_size):
+            return w
+    found = {k: tuple(v.shape) for k, v in extra.items()}
+    raise AlignError(
+        f"{where}: no scalar score head (score.weight of shape (1, {hidden_size})) among the saved "
+        f"non-LoRA weights {found or '(none)'}; is it the output of stage=rm?"
+    )
+
+
+def decoder(model):
+    """The transformer under the LM head (hidden states, no vocabulary projection)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix, None)
+    if inner is None:
+        raise AlignError(
+            f"{type(base).__name__} has no decoder at .{base.base_model_prefix}; PPO cannot use it"
+        )
+    return inner
+
+
+def hidden_size(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.get_text_config().hidden_size

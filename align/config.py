@@ -132,7 +132,7 @@ class DataConfig:
     eval: str | None = None  # held-out file; unset: a fraction of train is held out
     eval_fraction: float = 0.05
     max_train_rows: int | None = None
-    max_eval_rows: int | None = 64
+    max_eval_rows: int | None = 16
     split: str = "train"  # split to read from a hub dataset
     on_error: OnError = OnError.error  # what to do with a malformed or over-long row
 
@@ -236,7 +236,6 @@ class AlignConfig:
 
 
 def register() -> None:
-    cs = ConfigStore.instance()
     # conf/config.yaml starts from this schema, so every group file merged onto it
     # (conf/model/*.yaml, conf/adapter/*.yaml, ...) is checked against the dataclasses.
     ConfigStore.instance().store(name="align_schema", node=AlignConfig)
@@ -291,12 +290,18 @@ def validate(cfg: Any) -> None:
     if cfg.stage == "rlhf":
         order = ["sft", "rm", "ppo"]
         chosen = list(cfg.rlhf.stages)
-        if not chosen or any(x not in order for x in chosen) or chosen != sorted(set(chosen), key=order.index):
+        if (
+            not chosen
+            or any(x not in order for x in chosen)
+            or chosen != sorted(set(chosen), key=order.index)
+        ):
             raise AlignError(f"rlhf.stages={list(cfg.rlhf.stages)}: use an ordered subset of [sft, rm, ppo]")
         for name in cfg.rlhf.stages:
             t = cfg.rlhf[name]
             if t.lr <= 0 or t.batch_size <= 0 or t.grad_accum <= 0 or t.max_steps == 0:
-                raise AlignError(f"rlhf.{name}: lr, batch_size, grad_accum must be positive and max_steps != 0")
+                raise AlignError(
+                    f"rlhf.{name}: lr, batch_size, grad_accum must be positive and max_steps != 0"
+                )
 
 
 def validate_ppo(cfg: Any) -> None:
@@ -314,7 +319,9 @@ def validate_ppo(cfg: Any) -> None:
     if p.max_new_tokens <= 0:
         raise AlignError(f"ppo.max_new_tokens={p.max_new_tokens} must be positive")
     if p.max_new_tokens >= cfg.model.max_length:
-        raise AlignError(f"ppo.max_new_tokens={p.max_new_tokens} must be below model.max_length={cfg.model.max_length}")
+        raise AlignError(
+            f"ppo.max_new_tokens={p.max_new_tokens} must be below model.max_length={cfg.model.max_length}"
+        )
     if p.temperature <= 0:
         raise AlignError(f"ppo.temperature={p.temperature} must be positive (sampling is required for PPO)")
     if not 0 < p.top_p <= 1:

@@ -67,7 +67,9 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
         if not path.is_file():
-            raise AlignError(f"data file not found: {source} (set data.train=<path to .jsonl/.json/.parquet/.csv>)")
+            raise AlignError(
+                f"data file not found: {source} (set data.train=<path to .jsonl/.json/.parquet/.csv>)"
+            )
         return _read_file(path)
     return _read_hub(source, split)
 
@@ -180,7 +182,9 @@ def preference_row(row: Row) -> dict[str, Any]:
     if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(
         rejected, list
     ):
-        raise AlignError(f"{row.where}: prompt, chosen and rejected must all be strings or all be message lists")
+        raise AlignError(
+            f"{row.where}: prompt, chosen and rejected must all be strings or all be message lists"
+        )
     if chosen == rejected:
         raise AlignError(f"{row.where}: 'chosen' is identical to 'rejected'; a pair must differ")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -191,9 +195,13 @@ def sft_row(row: Row) -> dict[str, Any]:
     if "messages" in d:
         msgs = _text_or_messages(row, "messages")
         if isinstance(msgs, str) or msgs[-1]["role"] != "assistant":
-            raise AlignError(f"{row.where}: 'messages' must end with an assistant turn (the response to learn)")
+            raise AlignError(
+                f"{row.where}: 'messages' must end with an assistant turn (the response to learn)"
+            )
         if len(msgs) < 2:
-            raise AlignError(f"{row.where}: 'messages' needs at least one turn before the assistant's response")
+            raise AlignError(
+                f"{row.where}: 'messages' needs at least one turn before the assistant's response"
+            )
         return {"prompt": msgs[:-1], "completion": msgs[-1:]}
     if "prompt" in d or "completion" in d:
         prompt = _text_or_messages(row, "prompt")

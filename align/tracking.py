@@ -155,13 +155,16 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item})
+            history.append(
+                {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
+            )
         elif kind == "summary":
             for i in rec.summary.update:
                 key = "/".join(i.nested_key) or i.key
                 if key:
                     summary[key] = json.loads(i.value_json)
-        elif kind == "config":
-            for i in rec.config.update:
+        elif kind in ("config", "run"):  # the run record carries the config given to wandb.init
+            updates = rec.config.update if kind == "config" else rec.run.config.update
+            for i in updates:
                 config["/".join(i.nested_key) or i.key] = json.loads(i.value_json)
     return {"history": history, "summary": summary, "config": config}

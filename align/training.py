@@ -88,14 +88,10 @@ def train_metrics(trainer: Any) -> dict[str, float]:
             if isinstance(v, int | float) and not k.startswith("eval_") and k not in ("epoch", "step"):
                 out[f"train/{k}"] = float(v)
     out["train/global_step"] = float(trainer.state.global_step)
+    first = next((e["loss"] for e in trainer.state.log_history if "loss" in e), None)
+    if first is not None:
+        out["train/first_loss"] = float(first)
     return out
-
-
-def first_logged(trainer: Any, key: str) -> float | None:
-    for entry in trainer.state.log_history:
-        if key in entry:
-            return float(entry[key])
-    return None
 
 
 def finish(
@@ -139,7 +135,9 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}"
 
 
-def summary_text(ctx: StageContext, metrics: dict, headline: list[str], elapsed: float, next_hint: str | None) -> str:
+def summary_text(
+    ctx: StageContext, metrics: dict, headline: list[str], elapsed: float, next_hint: str | None
+) -> str:
     m, s = divmod(int(math.ceil(elapsed)), 60)
     lines = [
         "",

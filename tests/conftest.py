@@ -74,6 +74,7 @@ def build_tiny_model(path: Path, *, vocab_size: int = 512) -> Path:
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
+        initializer_range=0.1,  # lets a LoRA-only model move its logits by several nats
     )
     model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)

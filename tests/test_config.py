@@ -48,13 +48,18 @@ def test_overrides_reach_every_section():
     validate(cfg)
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-0.5b-instruct", "llama-3.1-8b-instruct", "mistral-7b-instruct"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-135m", "qwen2.5-0.5b-instruct", "llama-3.1-8b-instruct", "mistral-7b-instruct"]
+)
 def test_shipped_model_configs_compose(name):
     cfg = compose(f"model={name}")
     assert cfg.model.name == name and cfg.model.max_length >= 256 and cfg.model.lora_target_modules
 
 
-@pytest.mark.parametrize("adapter,kind,bits", [("lora", "lora", 0), ("qlora", "qlora", 4), ("dora", "dora", 0), ("none", "none", 0)])
+@pytest.mark.parametrize(
+    "adapter,kind,bits",
+    [("lora", "lora", 0), ("qlora", "qlora", 4), ("dora", "dora", 0), ("none", "none", 0)],
+)
 def test_adapter_group(adapter, kind, bits):
     cfg = compose(f"adapter={adapter}")
     assert cfg.adapter.kind.value == kind and cfg.adapter.bits == bits
@@ -109,7 +114,10 @@ def test_every_trl_dpo_loss_is_accepted():
         validate(compose(f"dpo.loss_type={loss}"))
     # TRL's own documentation of DPOConfig.loss_type lists exactly these
     doc = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
-    listed = {x.strip("`'") for x in doc.split("Possible values are:")[1].split(". If")[0].replace("`", "").split(",")}
+    listed = {
+        x.strip("`'")
+        for x in doc.split("Possible values are:")[1].split(". If")[0].replace("`", "").split(",")
+    }
     listed = {x.strip().strip("'") for x in listed if x.strip()}
     assert listed == set(DPO_LOSS_TYPES)
 
@@ -117,7 +125,12 @@ def test_every_trl_dpo_loss_is_accepted():
 def _run_cli(*args, env=None, timeout=60):
     e = dict(os.environ, **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=REPO, env=e, timeout=timeout
+        [sys.executable, "-m", "align", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=e,
+        timeout=timeout,
     )
 
 

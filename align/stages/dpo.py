@@ -19,9 +19,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     cfg = ctx.cfg
     init = None
     if cfg.dpo.init:
-        init = artifacts.read(cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"),
-                              base_model=cfg.model.name_or_path)
-    split = data.load(cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
+        init = artifacts.read(
+            cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
+        )
+    split = data.load(
+        cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg)
+    )
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = DPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
@@ -42,7 +45,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.train()
     metrics = training.train_metrics(trainer) | training.evaluate(trainer)
-    lineage = {"init": str(init.run_dir) if init else None, "reference": "init adapter" if init else "base model"}
+    lineage = {
+        "init": str(init.run_dir) if init else None,
+        "reference": "init adapter" if init else "base model",
+    }
     return training.finish(
         ctx,
         model=trainer.model,

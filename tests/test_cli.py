@@ -1,0 +1,54 @@
+"""The real command line, end to end on the tiny model: a run, its summary, and a sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, tiny_overrides
+from omegaconf import OmegaConf
+
+
+def _align(*args, cwd=REPO):
+    env = dict(os.environ, WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_sft_run_prints_a_summary_with_outputs_metrics_and_wandb_sync(tiny_model, tmp_path):
+    run_dir = tmp_path / "sft"
+    overrides = [
+        o for o in tiny_overrides(tiny_model, "data=tiny", "train.max_steps=3") if o != "tracking=disabled"
+    ]
+    r = _align("stage=sft", *overrides, "tracking=offline", f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "align: stage=sft finished in" in out
+    assert f"outputs  {run_dir}" in out
+    assert "eval/loss=" in out
+    assert f"wandb sync {run_dir}/wandb/offline-run-" in out
+    assert f"next     python -m align stage=dpo dpo.init={run_dir}" in out
+    assert json.loads((run_dir / "artifact.json").read_text())["stage"] == "sft"
+    # progress was shown while training (tqdm on stderr)
+    assert "3/3" in r.stderr
+
+
+def test_multirun_sweeps_dpo_beta(tiny_model, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _align(
+        "-m",
+        "stage=dpo",
+        *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=2", "data.max_eval_rows=4"),
+        "dpo.beta=0.05,0.3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    betas = []
+    for job in ("0", "1"):
+        manifest = json.loads((sweep / job / "artifact.json").read_text())
+        assert manifest["stage"] == "dpo"
+        betas.append(OmegaConf.load(sweep / job / "config.yaml").dpo.beta)
+    assert betas == [0.05, 0.3]

@@ -1,0 +1,138 @@
+"""sft and dpo end to end on the tiny model: learning, chaining, artifacts, W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from conftest import compose, tiny_overrides, write_jsonl
+from safetensors.torch import load_file
+
+from align import artifacts
+from align.errors import AlignError
+from align.stages import execute
+from align.tracking import read_offline_run
+
+TOPICS_TRAIN = ["water", "bees", "music", "snow", "rain", "stars", "river", "forest"]
+TOPICS_TEST = ["ocean", "mountain", "city", "moon"]
+
+
+def _separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
+    """chosen says 'good ... yes', rejected says 'bad ... no': learnable, and it generalises."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        t = rng.choice(topics)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+                "chosen": [{"role": "assistant", "content": f"good answer about {t} yes"}],
+                "rejected": [{"role": "assistant", "content": f"bad answer about {t} no"}],
+            }
+        )
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return _separable_pairs(d / "train.jsonl", TOPICS_TRAIN, 160, 0), _separable_pairs(
+        d / "test.jsonl", TOPICS_TEST, 24, 1
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft-run")
+    cfg = compose(
+        "stage=sft",
+        *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=40", "train.lr=1e-2", "train.batch_size=4"),
+    )
+    metrics = execute(cfg, run_dir)
+    return run_dir, metrics
+
+
+def test_sft_loss_falls_and_artifact_is_complete(sft_run):
+    run_dir, metrics = sft_run
+    manifest = json.loads((run_dir / "artifact.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["format"] == artifacts.FORMAT
+    assert manifest["base_model"]["name"] == "tiny-llama"
+    assert manifest["adapter"]["path"] == "adapter" and manifest["metrics"] == metrics
+    assert manifest["data"]["train"].endswith("tiny_sft.jsonl")
+    assert {"torch", "transformers", "trl", "peft"} <= set(manifest["versions"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "tokenizer_config.json").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+    # the loss fell, on the training rows and on held-out rows
+    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 40
+    assert metrics["train/loss"] < metrics["train/first_loss"] - 1.0
+    assert metrics["eval/loss"] < metrics["train/first_loss"] - 0.4
+
+
+def test_dpo_learns_held_out_preferences(tiny_model, pair_files, tmp_path):
+    train, test = pair_files
+    cfg = compose(
+        "stage=dpo",
+        *tiny_overrides(
+            tiny_model, f"data.train={train}", f"data.eval={test}", "train.max_steps=30", "train.lr=1e-3"
+        ),
+    )
+    m = execute(cfg, tmp_path / "dpo")
+    assert m["eval/rewards/accuracies"] > 0.5
+    assert m["eval/loss"] < math.log(2)
+    assert m["eval/rewards/margins"] > 0
+
+
+def test_dpo_from_sft_uses_the_sft_adapter_as_policy_and_reference(tiny_model, pair_files, sft_run, tmp_path):
+    train, test = pair_files
+    sft_dir, _ = sft_run
+    common = tiny_overrides(
+        tiny_model, f"data.train={train}", f"data.eval={test}", "train.max_steps=1", "train.lr=1e-12"
+    )
+    chained = execute(compose("stage=dpo", f"dpo.init={sft_dir}", *common), tmp_path / "chained")
+    from_base = execute(compose("stage=dpo", *common), tmp_path / "base")
+    # reference == starting policy == SFT adapter: implicit rewards are ~0 ...
+    assert abs(chained["eval/rewards/chosen"]) < 1e-3 and abs(chained["eval/rewards/rejected"]) < 1e-3
+    # ... and that policy is the SFT model, not the raw base
+    assert abs(chained["eval/logps/chosen"] - from_base["eval/logps/chosen"]) > 1.0
+    manifest = json.loads((tmp_path / "chained" / "artifact.json").read_text())
+    assert manifest["data"]["init"] == str(sft_dir) and manifest["data"]["reference"] == "init adapter"
+    # only the trained adapter is saved (not DPO's frozen "ref" copy)
+    weights = load_file(tmp_path / "chained" / "adapter" / "adapter_model.safetensors")
+    assert weights and not any(".ref." in k for k in weights)
+
+
+def test_dpo_init_must_be_a_finished_align_run(tiny_model, tmp_path):
+    cfg = compose("stage=dpo", *tiny_overrides(tiny_model, f"dpo.init={tmp_path}"))
+    with pytest.raises(AlignError, match="not a finished align run"):
+        execute(cfg, tmp_path / "run")
+
+
+def test_dpo_init_from_another_base_model_is_refused(tiny_model, sft_run, tmp_path):
+    sft_dir, _ = sft_run
+    cfg = compose("stage=dpo", *tiny_overrides(tiny_model, f"dpo.init={sft_dir}"))
+    cfg.model.name_or_path = str(tmp_path)  # pretend this run uses another model
+    with pytest.raises(AlignError, match="trained on base model"):
+        execute(cfg, tmp_path / "run")
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(tiny_model, pair_files, tmp_path):
+    train, test = pair_files
+    cfg = compose(
+        "stage=dpo",
+        *tiny_overrides(tiny_model, f"data.train={train}", f"data.eval={test}", "train.max_steps=4"),
+        "tracking=offline",
+        "tracking.project=align-test",
+    )
+    m = execute(cfg, tmp_path / "run")
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run)
+    losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
+    assert len(losses) == 4  # logging_steps=1
+    assert logged["summary"]["eval/rewards/accuracies"] == pytest.approx(m["eval/rewards/accuracies"])
+    assert logged["config"]["dpo"]["beta"] == 0.1 and logged["config"]["stage"] == "dpo"
+    manifest = json.loads((tmp_path / "run" / "artifact.json").read_text())
+    assert manifest["tracking"]["mode"] == "offline" and manifest["tracking"]["id"] in run.name
