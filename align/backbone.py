@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from align.cache import cache_root
 from align.config import AdapterKind, Device, DType
 from align.errors import AlignError
 
@@ -105,11 +106,6 @@ def detect_runtime(cfg: Any) -> Runtime:
 
 
 # --------------------------------------------------------------------------- model path
-
-
-def cache_root() -> Path:
-    """Where converted models live: $ALIGN_CACHE, else ~/.cache/align."""
-    return Path(os.environ.get("ALIGN_CACHE") or Path.home() / ".cache" / "align")
 
 
 def _embedded_gguf(spec: EmbeddedModel) -> Path:

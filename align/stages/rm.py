@@ -14,7 +14,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     from trl import RewardConfig, RewardTrainer
 
     cfg = ctx.cfg
-    split = data.load(cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
+    split = data.load(
+        cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg)
+    )
     bb = backbone.build(cfg, task="seq_cls")
     args = RewardConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
