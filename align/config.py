@@ -160,7 +160,7 @@ class DPOStageConfig:
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
     init: str | None = None  # an SFT run directory: its adapter is the start AND the frozen reference
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = True  # once per (reference, data), cached on disk across runs
 
 
 @dataclass

@@ -16,12 +16,16 @@ Accepted row shapes:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.cache import cache_root
 from align.errors import AlignError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -263,8 +267,6 @@ def load(data_cfg: Any, kind: str, *, seed: int, needed_train_rows: int | None =
     ``needed_train_rows`` (from train.max_steps) caps how many shuffled rows are kept, so
     a short run does not tokenize a whole corpus it will never see.
     """
-    from datasets import Dataset
-
     train_src, eval_src = source_paths(data_cfg, kind)
     train_rows = validate_rows(read_rows(train_src, data_cfg.split), kind)
     if not train_rows:
@@ -286,7 +288,27 @@ def load(data_cfg: Any, kind: str, *, seed: int, needed_train_rows: int | None =
     info = {"train": train_src, "eval": eval_src or f"{data_cfg.eval_fraction:.0%} of train"}
     info |= {"train_rows": len(train_rows), "eval_rows": len(eval_rows)}
     return Split(
-        train=Dataset.from_list(train_rows),
-        eval=Dataset.from_list(eval_rows) if eval_rows else None,
-        info=info,
+        train=cached_dataset(train_rows), eval=cached_dataset(eval_rows) if eval_rows else None, info=info
     )
+
+
+def cached_dataset(rows: list[dict[str, Any]]):
+    """A disk-backed Dataset of ``rows`` under the align cache, keyed by their content.
+
+    Being disk-backed makes every ``map`` the trainers run on it (tokenization, TRL's
+    precomputed reference log-probs) land in cache files beside it, so a rerun or a sweep
+    over the same rows reuses them instead of recomputing.
+    """
+    from datasets import Dataset, load_from_disk
+
+    key = hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+    target = cache_root() / "datasets" / key
+    if not (target / "dataset_info.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{key}-{os.getpid()}")
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(target))
