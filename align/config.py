@@ -20,7 +20,7 @@ from omegaconf import MISSING
 
 from align.errors import AlignError
 
-STAGES = ("sft", "dpo", "rm", "ppo", "rlhf")
+STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export")
 
 
 class AdapterKind(str, Enum):
@@ -52,6 +52,11 @@ class TrackingMode(str, Enum):
 class OnError(str, Enum):
     error = "error"
     skip = "skip"
+
+
+class OnNaN(str, Enum):
+    stop = "stop"  # stop with a message naming the step; the last good checkpoint is kept
+    skip = "skip"  # drop that step's update and go on (counted in train/skipped_nonfinite_steps)
 
 
 # Every loss TRL 1.16's DPOTrainer accepts (DPOConfig.loss_type).
@@ -118,9 +123,14 @@ class TrainConfig:
     logging_steps: int = 5
     eval_steps: int = 0  # 0: evaluate once, at the end
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    group_by_length: bool = True  # batch rows of similar length together (less padding)
     packing: bool = False  # SFT only: padding-free best-fit packing
     completion_only_loss: bool = True  # SFT only: loss on the response tokens only
     num_workers: int = 0
+    eval_at_end: bool = False  # after training, run stage=eval (eval.* keys) on this run's output, into its run dir
+    save_steps: int = 50  # checkpoint every N steps (0: only when interrupted); see resume=
+    save_total_limit: int = 2  # keep the last K checkpoints
+    on_nan: OnNaN = OnNaN.stop  # a non-finite loss or gradient: stop | skip the step
 
 
 @dataclass
@@ -203,6 +213,58 @@ class PPOStageConfig:
     separate_models: bool = False  # benchmark baseline: four model copies (policy, ref, reward, value)
 
 
+@dataclass
+class EvalStageConfig:
+    """stage=eval (and train.eval_at_end): a held-out alignment report. See docs/eval.md."""
+
+    model: str = "base"  # a run dir (sft/dpo/ppo/grpo/rloo), a model dir or hub id, or base (model.*)
+    baseline: str = "base"  # base: the same base model (adapters disabled), side by side; none: skip it
+    reward: str | None = None  # an rm run dir: mean reward-model score and win-rate judged by it
+    prompts: str | None = None  # prompts (+ constraints) file; None: reward_data/prompts_test.jsonl
+    pairs: str | None = None  # preference pairs file; None: reward_data/pairs_test.jsonl
+    max_prompts: int = 48  # 0: skip generation (judges, KL, length, reward)
+    max_pairs: int = 64  # 0: skip preference accuracy
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    samples_to_log: int = 16  # rows of the W&B table / report.md sample section
+    dpo_beta: float | None = None  # implicit DPO reward scale; None: the evaluated run's dpo.beta
+
+
+@dataclass
+class OnlineRLStageConfig:
+    """What GRPO and RLOO share (TRL's GRPOTrainer / RLOOTrainer). ``train.batch_size`` counts
+    completions: each step samples ``batch_size * grad_accum / num_generations`` prompts."""
+
+    init: str | None = None  # an sft/dpo/... run dir: the policy starts there (and it is the reference)
+    reward: str = "judge:ifeval"  # judge:<name> | fn:<module>:<function> | <rm run dir>; several joined by '+'
+    reward_weights: list[float] | None = None  # one per reward; None: all 1.0
+    num_generations: int = 4  # completions per prompt (the group)
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # KL coefficient against the reference; 0: no reference pass
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    use_vllm: bool = False  # generate with vLLM (GPU, `pip install vllm`)
+    vllm_mode: str = "colocate"  # colocate | server
+    log_completions: bool = True  # W&B table of prompts, completions and rewards every logging step
+
+
+@dataclass
+class GRPOStageConfig(OnlineRLStageConfig):
+    beta: float = 0.0  # TRL's default: no reference model (set e.g. 0.04 to penalise KL)
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo | bnpo | cispo | sapo
+    scale_rewards: str = "group"  # group | batch | none
+
+
+@dataclass
+class RLOOStageConfig(OnlineRLStageConfig):
+    beta: float = 0.05  # TRL's default
+    normalize_advantages: bool = False
+
+
 def _rlhf_train(**kw: Any) -> Any:
     return field(default_factory=lambda: TrainConfig(**kw))
 
@@ -216,11 +278,16 @@ class RLHFStageConfig:
     sft: TrainConfig = _rlhf_train(lr=2e-4, max_steps=24, batch_size=4, logging_steps=4)
     rm: TrainConfig = _rlhf_train(lr=1e-4, max_steps=24, batch_size=4, logging_steps=4)
     ppo: TrainConfig = _rlhf_train(lr=2e-5, max_steps=6, batch_size=4, logging_steps=1)
+    # data.train for one sub-stage (each needs its own row kind); None: data.train / data.name
+    sft_data: str | None = None
+    rm_data: str | None = None
+    ppo_data: str | None = None
 
 
 @dataclass
 class AlignConfig:
     stage: str = MISSING
+    resume: str | None = None  # a run directory (or auto: the latest of this stage) to continue
     seed: int = 42
     device: Device = Device.auto
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -233,6 +300,13 @@ class AlignConfig:
     rm: RMStageConfig = field(default_factory=RMStageConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     rlhf: RLHFStageConfig = field(default_factory=RLHFStageConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
+    rloo: RLOOStageConfig = field(default_factory=RLOOStageConfig)
+    # stage=export: export.from=<run dir> (a dict: `from` is a Python keyword); see align/stages/export.py
+    export: dict[str, Any] = field(
+        default_factory=lambda: {"from": None, "push_to_hub": False, "hub_id": None, "private": True}
+    )
 
 
 def register() -> None:
@@ -287,6 +361,10 @@ def validate(cfg: Any) -> None:
             raise AlignError(f"dpo.beta={cfg.dpo.beta} must be positive")
     if cfg.stage in ("ppo", "rlhf"):
         validate_ppo(cfg)
+    if cfg.stage == "eval" or cfg.train.eval_at_end:
+        validate_eval(cfg)
+    if cfg.stage in ("grpo", "rloo"):
+        validate_online_rl(cfg)
     if cfg.stage == "rlhf":
         order = ["sft", "rm", "ppo"]
         chosen = list(cfg.rlhf.stages)
@@ -308,7 +386,8 @@ def validate_ppo(cfg: Any) -> None:
     p = cfg.ppo
     if p.reward is not None and not p.reward.strip():
         raise AlignError("ppo.reward is empty; give an rm run directory or judge:ifeval")
-    if cfg.stage == "ppo" and not p.reward:
+    needs_reward = cfg.stage == "ppo" or (cfg.stage == "rlhf" and "rm" not in cfg.rlhf.stages)
+    if needs_reward and not p.reward:
         raise AlignError(
             "stage=ppo needs a reward: ppo.reward=<rm run dir> (from stage=rm) or ppo.reward=judge:ifeval"
         )
@@ -346,3 +425,68 @@ def validate_ppo(cfg: Any) -> None:
         raise AlignError(f"ppo.reward_clip={p.reward_clip} must be positive (or null)")
     if cfg.stage == "ppo" and cfg.train.max_steps <= 0:
         raise AlignError("stage=ppo counts PPO steps: set train.max_steps > 0")
+
+
+def validate_eval(cfg: Any) -> None:
+    e = cfg.eval
+    if not str(e.model).strip():
+        raise AlignError("eval.model is empty; give a run directory, a model directory or hub id, or base")
+    if e.baseline not in ("base", "none"):
+        raise AlignError(f"eval.baseline={e.baseline!r}: use base (side by side with the base model) or none")
+    if e.max_prompts < 0 or e.max_pairs < 0:
+        raise AlignError("eval.max_prompts and eval.max_pairs must be >= 0 (0 skips that part)")
+    if e.max_prompts == 0 and e.max_pairs == 0:
+        raise AlignError("eval.max_prompts=0 and eval.max_pairs=0: nothing to evaluate")
+    if e.max_new_tokens <= 0 or e.batch_size <= 0:
+        raise AlignError("eval.max_new_tokens and eval.batch_size must be positive")
+    if e.temperature < 0:
+        raise AlignError(f"eval.temperature={e.temperature} must be >= 0 (0: greedy)")
+    if not 0 < e.top_p <= 1:
+        raise AlignError(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if e.samples_to_log < 0:
+        raise AlignError(f"eval.samples_to_log={e.samples_to_log} must be >= 0")
+
+
+def validate_online_rl(cfg: Any) -> None:
+    import importlib.util
+
+    key = cfg.stage
+    g = cfg[key]
+    specs = [x.strip() for x in str(g.reward).split("+") if x.strip()]
+    if not specs:
+        raise AlignError(f"{key}.reward is empty; give judge:ifeval, fn:<module>:<function> or an rm run dir")
+    if g.reward_weights is not None and len(g.reward_weights) != len(specs):
+        raise AlignError(f"{key}.reward_weights has {len(g.reward_weights)} weights for {len(specs)} rewards")
+    if g.num_generations < 2:
+        raise AlignError(f"{key}.num_generations={g.num_generations}: a group needs at least 2 completions")
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if per_step % g.num_generations:
+        raise AlignError(
+            f"train.batch_size * train.grad_accum = {per_step} completions per step must be a multiple of "
+            f"{key}.num_generations={g.num_generations} (train.batch_size counts completions, not prompts)"
+        )
+    if g.max_completion_length <= 0 or g.max_completion_length >= cfg.model.max_length:
+        raise AlignError(
+            f"{key}.max_completion_length={g.max_completion_length} must be positive and below "
+            f"model.max_length={cfg.model.max_length}"
+        )
+    if g.temperature <= 0 or not 0 < g.top_p <= 1:
+        raise AlignError(f"{key}.temperature must be > 0 and {key}.top_p in (0, 1] (sampling is required)")
+    if g.beta < 0:
+        raise AlignError(f"{key}.beta={g.beta} must be >= 0")
+    if g.num_iterations <= 0:
+        raise AlignError(f"{key}.num_iterations={g.num_iterations} must be positive")
+    if g.vllm_mode not in ("colocate", "server"):
+        raise AlignError(f"{key}.vllm_mode={g.vllm_mode!r}: use colocate or server")
+    if g.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise AlignError(
+            f"{key}.use_vllm=true needs vLLM, which is not installed: `pip install vllm` on a CUDA machine, "
+            f"or set {key}.use_vllm=false (generation with transformers)"
+        )
+    if key == "grpo":
+        if g.loss_type not in ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"):
+            raise AlignError(f"grpo.loss_type={g.loss_type!r}: use grpo, dr_grpo, dapo, bnpo, cispo or sapo")
+        if g.scale_rewards not in ("group", "batch", "none"):
+            raise AlignError(f"grpo.scale_rewards={g.scale_rewards!r}: use group, batch or none")
+    if cfg.adapter.bits and g.use_vllm:
+        raise AlignError(f"{key}.use_vllm=true with a quantized base (adapter.bits) is not supported; use adapter=lora")

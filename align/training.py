@@ -67,6 +67,7 @@ def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str
         seed=ctx.cfg.seed,
         data_seed=ctx.cfg.seed,
         dataloader_num_workers=t.num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         disable_tqdm=False,
         **runtime.trainer_kwargs(),
     )

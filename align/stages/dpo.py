@@ -16,7 +16,7 @@ HEADLINE = ["eval/rewards/accuracies", "eval/rewards/margins", "eval/loss", "tra
 def run(ctx: StageContext) -> dict[str, float]:
     from trl import DPOConfig
 
-    from align.dpo_trainer import CachedRefDPOTrainer
+    from align.trainers import AlignDPOTrainer
 
     cfg = ctx.cfg
     init = None
@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         label_smoothing=cfg.dpo.label_smoothing,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
     )
-    trainer = CachedRefDPOTrainer(
+    trainer = AlignDPOTrainer(
         model=bb.model,
         args=args,
         train_dataset=split.train,

@@ -1,6 +1,8 @@
-"""TRL's DPOTrainer with reference log-probabilities cached on disk across runs.
+"""TRL's trainers with align's speedups.
 
-TRL's ``precompute_ref_log_probs`` caches beside the dataset under a fingerprint that
+* Length-grouped batching for preference pairs (DPO, RM): pairs of similar length share a
+  batch, so less compute goes to padding (TRL 1.16 disables DPO's padding-free mode).
+* Reference log-probabilities cached on disk across runs (DPO). TRL's ``precompute_ref_log_probs`` caches beside the dataset under a fingerprint that
 changes from run to run, so every rerun and every job of a sweep recomputes the
 reference pass. Here the key is what the numbers depend on: the reference weights (TRL's
 own hash of the model), the tokenized rows and the maximum length. A ``-m`` sweep over
@@ -16,6 +18,7 @@ import os
 import tempfile
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import DPOTrainer
 
 from align.cache import cache_root
@@ -33,7 +36,42 @@ def _content_hash(dataset) -> str:
     return h.hexdigest()
 
 
-class CachedRefDPOTrainer(DPOTrainer):
+def pair_lengths(dataset) -> list[int]:
+    """Tokens a pair puts in a batch row: its prompt plus the longer of its two completions."""
+    cols = dataset.column_names
+    chosen, rejected = dataset["chosen_ids"], dataset["rejected_ids"]
+    prompts = dataset["prompt_ids"] if "prompt_ids" in cols else [[]] * len(chosen)
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+class LengthGroupedPairsMixin:
+    """``train.group_by_length`` for datasets of tokenized pairs, which have no ``input_ids``
+    column for transformers' own length-grouped sampler to measure."""
+
+    def _pair_sampler(self, dataset, batch_size: int):
+        if (
+            dataset is None
+            or self.args.train_sampling_strategy != "group_by_length"
+            or "chosen_ids" not in dataset.column_names
+        ):
+            return None
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(
+            batch_size, lengths=pair_lengths(dataset), generator=torch.Generator().manual_seed(seed)
+        )
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return self._pair_sampler(dataset, batch) or super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return self._pair_sampler(eval_dataset, self.args.eval_batch_size) or super()._get_eval_sampler(
+            eval_dataset
+        )
+
+
+class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
     def _ref_cache_path(self, dataset):
         key = hashlib.sha256(
             "|".join(
