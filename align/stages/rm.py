@@ -18,8 +18,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg)
     )
     bb = backbone.build(cfg, task="seq_cls")
+    common = training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None)
+    if common.get("train_sampling_strategy") == "group_by_length":
+        # transformers infers lengths from an input_ids column; reward data has chosen_ids/rejected_ids
+        common["train_sampling_strategy"] = "random"
     args = RewardConfig(
-        **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
+        **common,
         max_length=cfg.model.max_length,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
     )

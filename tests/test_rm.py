@@ -1,0 +1,57 @@
+"""stage=rm: TRL RewardTrainer on a LoRA (SEQ_CLS) + score head, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from conftest import compose, tiny_overrides, write_jsonl
+
+
+def separable_pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topic = rng.choice(["water", "bees", "river", "ocean", "forest", "music", "rain"])
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me about {topic}."}],
+                "chosen": [{"role": "assistant", "content": f"The {topic} is good, good."}],
+                "rejected": [{"role": "assistant", "content": f"The {topic} is bad, bad."}],
+            }
+        )
+    return rows
+
+
+def test_rm_learns_a_separable_preference_and_saves_its_score_head(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.stages import execute
+
+    train = write_jsonl(tmp_path / "train.jsonl", separable_pairs(40, 0))
+    held_out = write_jsonl(tmp_path / "test.jsonl", separable_pairs(16, 1))
+    cfg = compose(
+        "stage=rm",
+        *tiny_overrides(tiny_model, f"data.train={train}", f"data.eval={held_out}", "train.max_steps=8", "train.lr=3e-3"),
+    )
+    metrics = execute(cfg, tmp_path / "rm")
+    assert metrics["eval/accuracy"] > 0.5
+    assert metrics["eval/margin"] > 0
+    assert metrics["train/loss"] < metrics["train/first_loss"]
+    manifest = json.loads((tmp_path / "rm" / "artifact.json").read_text())
+    assert manifest["stage"] == "rm"
+    weights = load_file(tmp_path / "rm" / "adapter" / "adapter_model.safetensors")
+    assert tuple(weights["base_model.model.score.weight"].shape) == (1, 64)  # the trained head PPO loads
+    assert any("lora_A" in k for k in weights)
+
+
+def test_rm_config_rejects_ppo_without_reward():
+    import pytest
+
+    from align.config import validate
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError, match="ppo.reward"):
+        validate(compose("stage=ppo"))
+    with pytest.raises(AlignError, match="ppo.kl_estimator"):
+        validate(compose("stage=ppo", "ppo.reward=judge:ifeval", "ppo.kl_estimator=k2"))
