@@ -65,9 +65,13 @@ def test_per_token_kl_rewards_and_whitening():
     torch.testing.assert_close(kl3[0, :2], (r - 1) - torch.log(r))
     assert (kl3[0, :2] >= 0).all()
     rewards = losses.token_rewards(torch.tensor([2.0]), kl1, mask, kl_coef=0.1)
-    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]]))  # score on the last real token
+    torch.testing.assert_close(
+        rewards, torch.tensor([[-0.05, 0.1 + 2.0, 0.0]])
+    )  # score on the last real token
     w = losses.masked_whiten(torch.tensor([[1.0, 3.0, 100.0]]), mask)
-    torch.testing.assert_close(w, torch.tensor([[-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        w, torch.tensor([[-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]]), atol=1e-4, rtol=0
+    )
     ctl = losses.KLController(0.1, target=1.0, horizon=100)
     ctl.update(kl=3.0, n_samples=10)  # error clipped to +0.2: 0.1 * (1 + 0.2 * 10 / 100)
     assert ctl.value == pytest.approx(0.102)
@@ -83,7 +87,9 @@ def fake_reward_adapter(model_dir: Path, out: Path) -> Path:
 
     torch.manual_seed(1)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS")
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "score" in name:
@@ -96,8 +102,13 @@ def ppo_config(model_dir: Path, *extra: str):
     return compose(
         "stage=ppo",
         *tiny_overrides(
-            model_dir, "ppo.reward=judge:ifeval", "ppo.max_new_tokens=12", "ppo.missing_eos_penalty=null",
-            "ppo.temperature=1.0", "train.lr_scheduler=constant", *extra,
+            model_dir,
+            "ppo.reward=judge:ifeval",
+            "ppo.max_new_tokens=12",
+            "ppo.missing_eos_penalty=null",
+            "ppo.temperature=1.0",
+            "train.lr_scheduler=constant",
+            *extra,
         ),
     )
 
@@ -107,7 +118,7 @@ PROMPTS = [{"prompt": [{"role": "user", "content": f"Tell me about water {i}."}]
 
 def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from align import backbone
     from align.rl import ppo, rollout
@@ -123,7 +134,9 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
 
     # the reward adapter + saved score head on the causal-LM base == the seq-cls reward model
     seq_cls = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
-    expected = PeftModel.from_pretrained(seq_cls, rm_dir).eval()(input_ids=x, attention_mask=m).logits.squeeze()
+    expected = (
+        PeftModel.from_pretrained(seq_cls, rm_dir).eval()(input_ids=x, attention_mask=m).logits.squeeze()
+    )
     with torch.no_grad():
         hidden = {}
         for role in ("policy", "value", "reward", "ref"):
@@ -143,7 +156,9 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     trainer.train(PROMPTS, seed=0)
     after = dict(models.policy.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in base_before.items()), "a base weight changed"
-    assert all(torch.equal(after[n], p) for n, p in reward_before.items()), "the frozen reward adapter changed"
+    assert all(torch.equal(after[n], p) for n, p in reward_before.items()), (
+        "the frozen reward adapter changed"
+    )
     with torch.no_grad():
         outs = {}
         for role in ("policy", "value", "reward", "ref"):
@@ -156,7 +171,9 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     assert not torch.allclose(outs["policy"], outs["ref"])  # policy trained, reference did not move
     torch.testing.assert_close(outs["ref"], hidden["ref"])
     # three outputs from one base: policy, value and reward now all differ
-    assert not torch.allclose(outs["policy"], outs["value"]) and not torch.allclose(outs["value"], outs["reward"])
+    assert not torch.allclose(outs["policy"], outs["value"]) and not torch.allclose(
+        outs["value"], outs["reward"]
+    )
 
 
 def low_token_reward(prompts, completions, completion_ids, **columns):
@@ -168,8 +185,15 @@ def test_ppo_raises_a_programmatic_reward_with_finite_kl(tiny_model):
     from align import backbone
     from align.rl import ppo
 
-    cfg = ppo_config(tiny_model, "train.max_steps=30", "train.lr=2e-3", "train.batch_size=16", "ppo.ppo_epochs=4",
-                     "ppo.kl_coef=0.01", "ppo.max_new_tokens=16")
+    cfg = ppo_config(
+        tiny_model,
+        "train.max_steps=30",
+        "train.lr=2e-3",
+        "train.batch_size=16",
+        "ppo.ppo_epochs=4",
+        "ppo.kl_coef=0.01",
+        "ppo.max_new_tokens=16",
+    )
     rt = backbone.detect_runtime(cfg)
     tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
     torch.manual_seed(0)
@@ -183,8 +207,18 @@ def test_ppo_raises_a_programmatic_reward_with_finite_kl(tiny_model):
     assert after > before + 0.15, (before, after)
     kls = [h["objective/kl"] for h in history]
     assert all(math.isfinite(k) for k in kls) and kls[-1] > 0
-    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/entropy", "policy/clipfrac",
-                "policy/approxkl", "loss/policy", "loss/value", "val/ratio", "val/completion_length"):
+    for key in (
+        "objective/kl",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "policy/entropy",
+        "policy/clipfrac",
+        "policy/approxkl",
+        "loss/policy",
+        "loss/value",
+        "val/ratio",
+        "val/completion_length",
+    ):
         assert math.isfinite(history[-1][key]), key
 
 
@@ -193,13 +227,28 @@ def test_stage_ppo_with_judge_logs_to_wandb_and_leaves_an_artifact(tiny_model, t
     from align.tracking import read_offline_run
 
     rows = [
-        {"prompt": [{"role": "user", "content": f"Tell me about rain {i}. Your entire response must be in lowercase."}],
-         "constraints": [{"type": "lowercase"}]}
+        {
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": f"Tell me about rain {i}. Your entire response must be in lowercase.",
+                }
+            ],
+            "constraints": [{"type": "lowercase"}],
+        }
         for i in range(8)
     ]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    cfg = ppo_config(tiny_model, f"data.train={data}", f"data.eval={data}", "data.max_eval_rows=4",
-                     "train.max_steps=2", "train.batch_size=4", "tracking=offline", "ppo.sample_every=1")
+    cfg = ppo_config(
+        tiny_model,
+        f"data.train={data}",
+        f"data.eval={data}",
+        "data.max_eval_rows=4",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "tracking=offline",
+        "ppo.sample_every=1",
+    )
     metrics = execute(cfg, tmp_path / "ppo")
     manifest = json.loads((tmp_path / "ppo" / "artifact.json").read_text())
     assert manifest["stage"] == "ppo" and manifest["data"]["reward"] == "judge:ifeval"

@@ -32,7 +32,9 @@ def test_rm_learns_a_separable_preference_and_saves_its_score_head(tiny_model, t
     held_out = write_jsonl(tmp_path / "test.jsonl", separable_pairs(16, 1))
     cfg = compose(
         "stage=rm",
-        *tiny_overrides(tiny_model, f"data.train={train}", f"data.eval={held_out}", "train.max_steps=8", "train.lr=3e-3"),
+        *tiny_overrides(
+            tiny_model, f"data.train={train}", f"data.eval={held_out}", "train.max_steps=8", "train.lr=3e-3"
+        ),
     )
     metrics = execute(cfg, tmp_path / "rm")
     assert metrics["eval/accuracy"] > 0.5
