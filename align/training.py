@@ -27,6 +27,7 @@ class StageContext:
     run_dir: Path
     tracker: Tracker
     started: float = field(default_factory=time.time)
+    resume_from: str | None = None  # a checkpoint to continue from (resume=<run dir>)
 
 
 def world_size() -> int:
@@ -43,6 +44,8 @@ def needed_train_rows(cfg: Any) -> int | None:
 
 def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
     """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...)."""
+    from align import guard  # checkpointing and non-finite handling
+
     t = ctx.cfg.train
     periodic_eval = has_eval and t.eval_steps > 0
     return dict(
@@ -61,7 +64,7 @@ def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str
         logging_first_step=True,
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=t.eval_steps if periodic_eval else None,
-        save_strategy="no",
+        **guard.trainer_kwargs(ctx.cfg),
         report_to=ctx.tracker.report_to,
         run_name=ctx.tracker.info.get("name"),
         seed=ctx.cfg.seed,
@@ -81,8 +84,9 @@ def evaluate(trainer: Any) -> dict[str, float]:
     return {k.replace("eval_", "eval/", 1): float(v) for k, v in raw.items() if isinstance(v, int | float)}
 
 
-def train_metrics(trainer: Any) -> dict[str, float]:
-    """The last logged training values (loss and the trainer's own metrics)."""
+def train_metrics(trainer: Any, since: float | None = None) -> dict[str, float]:
+    """The last logged training values (loss and the trainer's own metrics); with ``since``
+    (a ``time.perf_counter()`` taken before the trainer was built) also ``time/train_s``."""
     out: dict[str, float] = {}
     for entry in trainer.state.log_history:
         for k, v in entry.items():
@@ -92,6 +96,8 @@ def train_metrics(trainer: Any) -> dict[str, float]:
     first = next((e["loss"] for e in trainer.state.log_history if "loss" in e), None)
     if first is not None:
         out["train/first_loss"] = float(first)
+    if since is not None:
+        out["time/train_s"] = round(time.perf_counter() - since, 2)
     return out
 
 
@@ -106,14 +112,17 @@ def finish(
     next_hint: str | None = None,
     lineage: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Save the adapter, metrics.json, config.yaml and artifact.json (last); print the summary."""
+    """Save the adapter, metrics.json, config.yaml and artifact.json (last); print the summary.
+
+    ``model=None`` (stage=eval): nothing to save, the manifest has no adapter."""
     from align import backbone
 
     run_dir = ctx.run_dir
     elapsed = time.time() - ctx.started
     metrics = {**metrics, "time/wall_s": round(elapsed, 1)}
     if is_main_process():
-        backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
+        if model is not None:
+            backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
         OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
         artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
         ctx.tracker.summary(metrics)
@@ -121,7 +130,7 @@ def finish(
             run_dir,
             stage=ctx.cfg.stage,
             cfg=ctx.cfg,
-            adapter_path=ADAPTER_DIR,
+            adapter_path=ADAPTER_DIR if model is not None else None,
             data=data_info | (lineage or {}),
             metrics=metrics,
             tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
@@ -144,8 +153,11 @@ def summary_text(
         "",
         f"align: stage={ctx.cfg.stage} finished in {m}m{s:02d}s",
         f"  outputs  {ctx.run_dir}",
-        f"  adapter  {ctx.run_dir / ADAPTER_DIR}",
     ]
+    if (ctx.run_dir / ADAPTER_DIR).is_dir():
+        lines.append(f"  adapter  {ctx.run_dir / ADAPTER_DIR}")
+    if (ctx.run_dir / "report.md").is_file():
+        lines.append(f"  report   {ctx.run_dir / 'report.md'}")
     shown = [k for k in headline if k in metrics]
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))

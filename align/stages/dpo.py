@@ -6,6 +6,8 @@ a frozen copy of the SFT adapter (which is also where the policy starts).
 
 from __future__ import annotations
 
+import time
+
 from align import artifacts, backbone, data, training
 from align.config import dpo_loss_types
 from align.training import StageContext
@@ -37,6 +39,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         label_smoothing=cfg.dpo.label_smoothing,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
     )
+    started = time.perf_counter()  # tokenization + reference pass + training
     trainer = AlignDPOTrainer(
         model=bb.model,
         args=args,
@@ -46,7 +49,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         peft_config=bb.peft_config,
     )
     trainer.train()
-    metrics = training.train_metrics(trainer) | training.evaluate(trainer)
+    metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
     lineage = {
         "init": str(init.run_dir) if init else None,
         "reference": "init adapter" if init else "base model",

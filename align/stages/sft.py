@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from align import backbone, data, training
 from align.training import StageContext
 
@@ -20,6 +22,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         packing=cfg.train.packing,
         completion_only_loss=cfg.train.completion_only_loss,
     )
+    started = time.perf_counter()  # tokenization + reference pass + training
     trainer = SFTTrainer(
         model=bb.model,
         args=args,
@@ -29,7 +32,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         peft_config=bb.peft_config,
     )
     trainer.train()
-    metrics = training.train_metrics(trainer) | training.evaluate(trainer)
+    metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
     return training.finish(
         ctx,
         model=trainer.model,

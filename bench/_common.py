@@ -1,0 +1,42 @@
+"""Helpers for the bench scripts: run a command in a subprocess, measure wall time and
+peak RSS, and print the table + headline line the way every bench does."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> dict:
+    """Run ``cmd``; return wall seconds, the child's peak RSS (MiB, by GNU time), exit code, output."""
+    marker = "BENCH_MAXRSS_KB="
+    t = time.perf_counter()
+    r = subprocess.run(
+        ["/usr/bin/time", "-f", marker + "%M", *cmd],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t
+    lines = r.stderr.rstrip().splitlines()
+    rss = int(lines[-1][len(marker) :]) / 1024 if lines and lines[-1].startswith(marker) else float("nan")
+    return {"wall_s": wall, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr, "peak_rss_mib": rss}
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns))
