@@ -20,7 +20,7 @@ from omegaconf import MISSING
 
 from align.errors import AlignError
 
-STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export")
+STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export", "eval", "grpo", "rloo")
 
 
 class AdapterKind(str, Enum):

@@ -22,8 +22,26 @@ def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker)
     try:
         metrics = importlib.import_module(f"align.stages.{cfg.stage}").run(ctx)
+        if cfg.train.eval_at_end:
+            metrics = _eval_at_end(ctx, metrics)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
     return metrics
+
+
+def _eval_at_end(ctx: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """train.eval_at_end: stage=eval's report on this run's own output, into its run dir."""
+    import gc
+    import logging
+
+    from align import evaluation
+
+    if ctx.cfg.stage not in evaluation.POLICY_STAGES:
+        logging.getLogger(__name__).info("train.eval_at_end: stage=%s has no policy to evaluate", ctx.cfg.stage)
+        return metrics
+    gc.collect()
+    report = evaluation.run(ctx.cfg, ctx.run_dir, ctx.tracker, model_spec=str(ctx.run_dir))
+    print(f"  report   {ctx.run_dir / evaluation.REPORT_MD}", flush=True)
+    return metrics | report["flat"]

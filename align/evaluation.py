@@ -1,0 +1,757 @@
+"""Held-out alignment metrics: what stage=eval (and ``train.eval_at_end``) reports.
+
+For the evaluated model and, side by side, its baseline (the same base with adapters
+disabled), on the held-out test prompts and pairs (``reward_data/prompts_test.jsonl``,
+``pairs_test.jsonl`` unless ``eval.prompts`` / ``eval.pairs`` say otherwise):
+
+* instruction following by the strict judges (``align.judges``), prompt- and
+  instruction-level, overall and per instruction type, as IFEval reports them;
+* preference accuracy: how often the summed log-likelihood of the chosen completion
+  beats the rejected one's; for a DPO run also its implicit reward against its reference;
+* KL to the base on the model's own completions, and completion length (tokens, words);
+* with ``eval.reward=<rm run>``: the mean reward-model score and the win-rate by it
+  (without it the win-rate is judged by the strict judges).
+
+Exact definitions: docs/eval.md. Everything here is plain functions over lists so the
+metric code is testable without a model; :func:`run` wires them to models and files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align import judges
+from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
+EVAL_JSON = "eval.json"
+REPORT_MD = "report.md"
+# the headline rows of report.md and of the printed summary, in order
+HEADLINE = [
+    "ifeval/prompt_accuracy",
+    "ifeval/instruction_accuracy",
+    "pref/accuracy",
+    "dpo/reward_accuracy",
+    "rm/score",
+    "win_rate/rm",
+    "win_rate/judge",
+    "kl/token",
+    "length/tokens",
+    "length/words",
+]
+
+
+# --------------------------------------------------------------------------- metrics (pure)
+
+
+def ifeval_metrics(
+    constraints: list[Any], completions: list[str]
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Strict IFEval accuracies of ``completions`` (one constraint list per completion).
+
+    Returns ``(metrics, per_type)``: prompt-level accuracy (every instruction of a prompt
+    passes), instruction-level accuracy (passed instructions / all instructions), and per
+    instruction type its instruction count and accuracy, and the prompt-level accuracy of
+    the prompts that carry that type.
+    """
+    if len(constraints) != len(completions):
+        raise ValueError(f"{len(completions)} completions for {len(constraints)} constraint lists")
+    n_prompts = n_prompt_pass = n_inst = n_inst_pass = 0
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for cons, text in zip(constraints, completions, strict=True):
+        parsed = judges.parse_constraints(cons)
+        results = [(c["type"], judges.check(c, text)) for c in parsed]
+        all_pass = all(ok for _, ok in results)
+        n_prompts += 1
+        n_prompt_pass += all_pass
+        n_inst += len(results)
+        n_inst_pass += sum(ok for _, ok in results)
+        for kind, ok in results:
+            by_type[kind]["instructions"] += 1
+            by_type[kind]["passed"] += ok
+        for kind in {k for k, _ in results}:
+            by_type[kind]["prompts"] += 1
+            by_type[kind]["prompts_passed"] += all_pass
+    metrics = {
+        "ifeval/prompt_accuracy": n_prompt_pass / n_prompts if n_prompts else math.nan,
+        "ifeval/instruction_accuracy": n_inst_pass / n_inst if n_inst else math.nan,
+        "ifeval/prompts": float(n_prompts),
+        "ifeval/instructions": float(n_inst),
+    }
+    per_type = {
+        kind: {
+            "instructions": d["instructions"],
+            "instruction_accuracy": d["passed"] / d["instructions"],
+            "prompts": d["prompts"],
+            "prompt_accuracy": d["prompts_passed"] / d["prompts"],
+        }
+        for kind, d in sorted(by_type.items())
+    }
+    return metrics, per_type
+
+
+def preference_metrics(chosen: list[float], rejected: list[float], prefix: str = "pref") -> dict[str, float]:
+    """Pairwise accuracy (chosen scored higher; a tie counts half) and mean margin."""
+    if not chosen:
+        return {}
+    wins = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True)]
+    return {
+        f"{prefix}/accuracy": sum(wins) / len(wins),
+        f"{prefix}/margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(chosen),
+        f"{prefix}/pairs": float(len(chosen)),
+    }
+
+
+def win_rate(model_scores: list[float], baseline_scores: list[float]) -> float:
+    """Fraction of prompts where the model's score beats the baseline's (a tie counts half)."""
+    if not model_scores:
+        return math.nan
+    wins = [
+        1.0 if m > b else 0.5 if m == b else 0.0 for m, b in zip(model_scores, baseline_scores, strict=True)
+    ]
+    return sum(wins) / len(wins)
+
+
+def kl_metrics(model_logps: list[list[float]], ref_logps: list[list[float]]) -> dict[str, float]:
+    """KL estimate on the model's own completions: per token (pooled over all generated
+    tokens) and per sequence (mean of the summed log-ratios)."""
+    total = tokens = 0.0
+    per_seq = []
+    for m, r in zip(model_logps, ref_logps, strict=True):
+        s = sum(a - b for a, b in zip(m, r, strict=True))
+        per_seq.append(s)
+        total += s
+        tokens += len(m)
+    return {
+        "kl/token": total / tokens if tokens else 0.0,
+        "kl/sequence": sum(per_seq) / len(per_seq) if per_seq else 0.0,
+    }
+
+
+def length_metrics(gens: list[Generation]) -> dict[str, float]:
+    if not gens:
+        return {}
+    n = len(gens)
+    return {
+        "length/tokens": sum(g.n_tokens for g in gens) / n,
+        "length/words": sum(len(g.text.split()) for g in gens) / n,
+        "length/truncated": sum(g.truncated for g in gens) / n,
+    }
+
+
+# --------------------------------------------------------------------------- generation and log-probs
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # generated ids, up to and including the stop token
+    n_tokens: int = 0  # generated tokens before the stop token
+    truncated: bool = False  # hit eval.max_new_tokens without a stop token
+
+
+def render_prompt(tokenizer, prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[Any],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    device: str = "cpu",
+    desc: str = "generate",
+) -> list[Generation]:
+    """One completion per prompt (greedy when ``temperature == 0``): batched with left
+    padding, KV cache on, prompts of similar length batched together."""
+    import torch
+    from tqdm.auto import tqdm
+
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    stops = stop_ids(tokenizer, model)
+    out: list[Generation | None] = [None] * len(texts)
+    sample = temperature > 0
+    pad = tokenizer.pad_token_id
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=None,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad,
+                use_cache=True,
+            )
+            for row, i in enumerate(idx):
+                new = gen[row, width:].tolist()
+                cut = next((k for k, t in enumerate(new) if t in stops), None)
+                body = new if cut is None else new[:cut]
+                out[i] = Generation(
+                    text=tokenizer.decode(body, skip_special_tokens=True).strip(),
+                    prompt_ids=encoded[i],
+                    ids=new if cut is None else new[: cut + 1],
+                    n_tokens=len(body),
+                    truncated=cut is None,
+                )
+    return out  # type: ignore[return-value]
+
+
+def token_logps(
+    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int, device: str
+) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt (both given as token ids)."""
+    import torch
+
+    out: list[list[float]] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            width = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (p, c) in enumerate(chunk):
+                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[row, : len(p) + len(c)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logits = logits[:, :-1].float()
+            targets = ids[:, 1:].to(device)
+            lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            for row, (p, c) in enumerate(chunk):
+                out.append(lp[row, len(p) - 1 : len(p) - 1 + len(c)].tolist())
+    return out
+
+
+def pair_token_ids(tokenizer, prompt: Any, completion: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a preference example, formatted as training saw it:
+    the chat template of prompt + completion, split where the generation prompt ends."""
+    if isinstance(prompt, str):
+        p_text, c_text = prompt, completion if isinstance(completion, str) else completion[-1]["content"]
+    else:
+        p_text = render_prompt(tokenizer, prompt)
+        full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+        c_text = full[len(p_text) :] if full.startswith(p_text) else completion[-1]["content"]
+    p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"]
+    return p_ids, c_ids[: max(1, max_length - len(p_ids))]
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Subject:
+    """A model to evaluate: ``model`` run with its active adapter, with a named adapter, or
+    with adapters disabled (the base under a LoRA run, no second copy in memory)."""
+
+    label: str
+    model: Any
+    adapter: str | None = "default"  # None: adapters disabled
+
+    @contextlib.contextmanager
+    def active(self):
+        has_peft = hasattr(self.model, "peft_config")
+        if not has_peft:
+            yield self.model
+        elif self.adapter is None:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            previous = self.model.active_adapter
+            self.model.set_adapter(self.adapter)
+            try:
+                yield self.model
+            finally:
+                self.model.set_adapter(previous)
+
+
+@dataclass
+class Loaded:
+    model: Subject
+    baseline: Subject | None  # side by side (eval.baseline=base)
+    kl_ref: Subject | None  # the base, for KL (None: the model is the base)
+    dpo_ref: Subject | None  # a DPO run's reference (its init adapter, or the base)
+    dpo_beta: float | None
+    tokenizer: Any
+    device: str
+    cfg: Any  # the config with the evaluated run's model/adapter sections
+    info: dict[str, Any]
+
+
+def _cfg_from_run(cfg: Any, run_dir: Path, base_model: str) -> Any:
+    """``cfg`` with the model/adapter sections the run was trained with (its config.yaml)."""
+    from omegaconf import OmegaConf, open_dict
+
+    new = copy.deepcopy(cfg)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = OmegaConf.load(saved)
+        for section in ("model", "adapter"):
+            if section in old:
+                keep = {k: v for k, v in OmegaConf.to_container(old[section]).items() if k in new[section]}
+                new[section] = OmegaConf.merge(new[section], keep)
+    with open_dict(new):
+        new.model.name_or_path = base_model
+    return new
+
+
+def _run_beta(run_dir: Path) -> float | None:
+    from omegaconf import OmegaConf
+
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        beta = OmegaConf.select(OmegaConf.load(saved), "dpo.beta")
+        return float(beta) if beta is not None else None
+    return None
+
+
+def load(cfg: Any, spec: str) -> Loaded:
+    """Load what ``eval.model=spec`` names, with its baseline and references."""
+    from align import artifacts, backbone
+
+    want_baseline = cfg.eval.baseline == "base"
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    info: dict[str, Any] = {"spec": spec}
+    if spec == "base":
+        rt = backbone.detect_runtime(cfg)
+        base_path = backbone.resolve_model_path(cfg.model)
+        model = backbone.load_base_model(base_path, cfg, rt)
+        tok = backbone.load_tokenizer(base_path, cfg.model)
+        info |= {"kind": "base", "base_model": cfg.model.name_or_path}
+        if want_baseline:
+            log.info("eval.model=base: the model is the baseline; no side-by-side comparison")
+        return Loaded(Subject("model", model), None, None, None, None, tok, rt.device, cfg, info)
+
+    if path.is_dir() and (path / artifacts.MANIFEST).is_file():
+        art = artifacts.read(path, key="eval.model")
+        if art.stage not in POLICY_STAGES:
+            hint = " (score with a reward model: eval.reward=<rm run dir>)" if art.stage == "rm" else ""
+            raise AlignError(
+                f"eval.model={spec}: is the output of stage={art.stage}, not a policy; give an "
+                f"{'/'.join(POLICY_STAGES)} run{hint}"
+            )
+        if art.base_model != cfg.model.name_or_path:
+            log.info("eval.model=%s was trained on %s: evaluating on that base", spec, art.base_model)
+        run_cfg = _cfg_from_run(cfg, art.run_dir, art.base_model)
+        rt = backbone.detect_runtime(run_cfg)
+        base_path = backbone.resolve_model_path(run_cfg.model)
+        tok = backbone.load_tokenizer(base_path, run_cfg.model)
+        info |= {"kind": "run", "stage": art.stage, "run_dir": str(art.run_dir), "base_model": art.base_model}
+        if art.manifest.get("adapter", {}).get("kind") == "none":  # full fine-tune: a second, full model
+            model = backbone.load_base_model(str(art.adapter_dir), run_cfg, rt)
+            base = backbone.load_base_model(base_path, run_cfg, rt)
+            ref = Subject("baseline", base)
+            return Loaded(
+                Subject("model", model),
+                ref if want_baseline else None,
+                ref,
+                None,
+                None,
+                tok,
+                rt.device,
+                run_cfg,
+                info,
+            )
+        base = backbone.load_base_model(base_path, run_cfg, rt)
+        model = backbone.load_adapter(base, art.adapter_dir, trainable=False)
+        base_subject = Subject("baseline", model, adapter=None)
+        dpo_ref = None
+        beta = None
+        if art.stage == "dpo":
+            beta = cfg.eval.dpo_beta if cfg.eval.dpo_beta is not None else _run_beta(art.run_dir)
+            beta = beta if beta is not None else float(cfg.dpo.beta)
+            init = art.manifest.get("data", {}).get("init")
+            if init:  # the reference of a DPO run that started from an SFT run is that SFT adapter
+                init_art = artifacts.read(init, key=f"{spec} (dpo.init)")
+                backbone.load_adapter(model, init_art.adapter_dir, trainable=False, name="reference")
+                dpo_ref = Subject("reference", model, adapter="reference")
+                info["dpo_reference"] = str(init_art.run_dir)
+            else:
+                dpo_ref = base_subject
+                info["dpo_reference"] = "base model (adapters disabled)"
+        return Loaded(
+            Subject("model", model),
+            base_subject if want_baseline else None,
+            base_subject,
+            dpo_ref,
+            beta,
+            tok,
+            rt.device,
+            run_cfg,
+            info,
+        )
+
+    # a model directory or a hub id: a full model, compared with the configured base
+    if path.is_file():
+        raise AlignError(
+            f"eval.model={spec}: is a file; give a run directory, a model directory, a hub id or base"
+        )
+    from omegaconf import open_dict
+
+    model_cfg = copy.deepcopy(cfg)
+    with open_dict(model_cfg):
+        model_cfg.model.name_or_path = spec
+    rt = backbone.detect_runtime(model_cfg)
+    model_path = backbone.resolve_model_path(model_cfg.model)
+    tok = backbone.load_tokenizer(model_path, model_cfg.model)
+    model = backbone.load_base_model(model_path, model_cfg, rt)
+    info |= {"kind": "model", "base_model": cfg.model.name_or_path}
+    ref = None
+    if want_baseline:
+        base_path = backbone.resolve_model_path(cfg.model)
+        ref = Subject("baseline", backbone.load_base_model(base_path, cfg, rt))
+    return Loaded(Subject("model", model), ref, ref, None, None, tok, rt.device, cfg, info)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def held_out_rows(cfg: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(prompts, pairs, info): the first eval.max_prompts / eval.max_pairs held-out rows."""
+    from align import data
+
+    e = cfg.eval
+    base = data.reward_data_dir()
+    prompts_src = e.prompts or str(base / "prompts_test.jsonl")
+    pairs_src = e.pairs or str(base / "pairs_test.jsonl")
+    prompts = (
+        data.validate_rows(data.read_rows(prompts_src), "prompt")[: e.max_prompts] if e.max_prompts else []
+    )
+    pairs = data.validate_rows(data.read_rows(pairs_src), "preference")[: e.max_pairs] if e.max_pairs else []
+    if prompts and "constraints" not in prompts[0]:
+        raise AlignError(f"{prompts_src}: prompt rows need a 'constraints' column for the judges")
+    info = {"prompts": prompts_src if prompts else None, "pairs": pairs_src if pairs else None}
+    return prompts, pairs, info | {"prompt_rows": len(prompts), "pair_rows": len(pairs)}
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _pair_logps(
+    subject: Subject, ids: list[tuple[list[int], list[int]]], batch_size: int, device: str
+) -> list[float]:
+    with subject.active() as m:
+        return [sum(x) for x in token_logps(m, ids, batch_size=batch_size, device=device)]
+
+
+def run(
+    cfg: Any, out_dir: str | Path, tracker: Any = None, *, model_spec: str | None = None
+) -> dict[str, Any]:
+    """Evaluate ``model_spec`` (default ``eval.model``); write eval.json and report.md into
+    ``out_dir``; log to ``tracker``. Returns the eval.json content (``metrics`` flat)."""
+    import torch
+
+    e = cfg.eval
+    spec = model_spec or e.model
+    out_dir = Path(out_dir)
+    started = time.time()
+    prompts, pairs, data_info = held_out_rows(cfg)
+    L = load(cfg, spec)
+    subjects = [L.model] + ([L.baseline] if L.baseline else [])
+    max_len = int(L.cfg.model.max_length)
+    bs = int(e.batch_size)
+    results: dict[str, dict[str, float]] = {s.label: {} for s in subjects}
+    per_type: dict[str, dict] = {}
+    gens: dict[str, list[Generation]] = {}
+    timing: dict[str, float] = {}
+
+    if prompts:
+        constraints = [r.get("constraints", "[]") for r in prompts]
+        for s in subjects:
+            t0 = time.time()
+            torch.manual_seed(cfg.seed)
+            with s.active() as m:
+                gens[s.label] = generate(
+                    m,
+                    L.tokenizer,
+                    [r["prompt"] for r in prompts],
+                    max_new_tokens=e.max_new_tokens,
+                    batch_size=bs,
+                    temperature=e.temperature,
+                    top_p=e.top_p,
+                    device=L.device,
+                    desc=f"eval {s.label}",
+                )
+            timing[f"time/generate_{s.label}_s"] = round(time.time() - t0, 1)
+            texts = [g.text for g in gens[s.label]]
+            m_if, per_type[s.label] = ifeval_metrics(constraints, texts)
+            results[s.label] |= m_if | length_metrics(gens[s.label])
+        # KL to the base on the model's own completions
+        t0 = time.time()
+        if L.kl_ref is None:
+            results["model"] |= {"kl/token": 0.0, "kl/sequence": 0.0}
+        else:
+            seqs = [(g.prompt_ids, g.ids) for g in gens["model"] if g.ids]
+            with L.model.active() as m:
+                lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
+            with L.kl_ref.active() as m:
+                lp_ref = token_logps(m, seqs, batch_size=bs, device=L.device)
+            results["model"] |= kl_metrics(lp_model, lp_ref)
+        if L.baseline is not None:
+            results["baseline"] |= {"kl/token": 0.0, "kl/sequence": 0.0}
+        timing["time/kl_s"] = round(time.time() - t0, 1)
+        # reward model, and the win-rate against the baseline
+        scores: dict[str, list[float]] = {}
+        if e.reward:
+            from align.rewards import RewardModel
+
+            t0 = time.time()
+            rm = RewardModel(e.reward, L.cfg, key="eval.reward", batch_size=bs)
+            for s in subjects:
+                scores[s.label] = rm([r["prompt"] for r in prompts], [g.text for g in gens[s.label]])
+                results[s.label]["rm/score"] = sum(scores[s.label]) / len(scores[s.label])
+            del rm
+            timing["time/reward_s"] = round(time.time() - t0, 1)
+        if L.baseline is not None:
+            judged = {
+                s.label: [judges.score(c, g.text) for c, g in zip(constraints, gens[s.label], strict=True)]
+                for s in subjects
+            }
+            results["model"]["win_rate/judge"] = win_rate(judged["model"], judged["baseline"])
+            if scores:
+                results["model"]["win_rate/rm"] = win_rate(scores["model"], scores["baseline"])
+
+    if pairs:
+        t0 = time.time()
+        chosen = [pair_token_ids(L.tokenizer, p["prompt"], p["chosen"], max_len) for p in pairs]
+        rejected = [pair_token_ids(L.tokenizer, p["prompt"], p["rejected"], max_len) for p in pairs]
+        logps: dict[str, tuple[list[float], list[float]]] = {}
+        for s in subjects:
+            logps[s.label] = (_pair_logps(s, chosen, bs, L.device), _pair_logps(s, rejected, bs, L.device))
+            results[s.label] |= preference_metrics(*logps[s.label])
+        if L.dpo_ref is not None and L.dpo_beta is not None:
+            ref = logps.get(L.dpo_ref.label) if L.dpo_ref.label in logps else None
+            if ref is None:
+                ref = (
+                    _pair_logps(L.dpo_ref, chosen, bs, L.device),
+                    _pair_logps(L.dpo_ref, rejected, bs, L.device),
+                )
+            pc, pr = logps["model"]
+            rc = [L.dpo_beta * (a - b) for a, b in zip(pc, ref[0], strict=True)]
+            rr = [L.dpo_beta * (a - b) for a, b in zip(pr, ref[1], strict=True)]
+            results["model"] |= preference_metrics(rc, rr, prefix="dpo/reward")
+            results["model"]["dpo/reward_accuracy"] = results["model"].pop("dpo/reward/accuracy")
+            results["model"]["dpo/reward_margin"] = results["model"].pop("dpo/reward/margin")
+            results["model"].pop("dpo/reward/pairs")
+            results["model"]["dpo/beta"] = L.dpo_beta
+        timing["time/pairs_s"] = round(time.time() - t0, 1)
+
+    delta = {}
+    if L.baseline is not None:
+        delta = {
+            k: results["model"][k] - results["baseline"][k]
+            for k in results["model"]
+            if k in results["baseline"] and not k.endswith(("/prompts", "/instructions", "/pairs"))
+        }
+    timing["time/eval_s"] = round(time.time() - started, 1)
+    samples = _samples(prompts, gens, int(e.samples_to_log))
+    report = {
+        "format": "align-eval/1",
+        "model": L.info,
+        "baseline": "base" if L.baseline is not None else None,
+        "settings": {
+            k: (v if not hasattr(v, "value") else v.value)
+            for k, v in {
+                "max_prompts": e.max_prompts,
+                "max_pairs": e.max_pairs,
+                "max_new_tokens": e.max_new_tokens,
+                "batch_size": e.batch_size,
+                "temperature": e.temperature,
+                "top_p": e.top_p,
+                "reward": e.reward,
+                "seed": cfg.seed,
+                "max_length": max_len,
+            }.items()
+        },
+        "data": data_info,
+        "metrics": {"model": results["model"], "baseline": results.get("baseline"), "delta": delta or None},
+        "per_type": {"model": per_type.get("model", {}), "baseline": per_type.get("baseline")},
+        "samples": samples,
+        "time": timing,
+    }
+    report["flat"] = flat_metrics(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from align.artifacts import write_json_atomic
+
+    write_json_atomic(out_dir / EVAL_JSON, report)
+    write_text_atomic(out_dir / REPORT_MD, report_markdown(report))
+    if tracker is not None:
+        tracker.log(report["flat"])
+        tracker.summary(report["flat"])
+        if samples:
+            cols = ["id", "prompt", "constraints", "baseline", "baseline_pass", "model", "model_pass"]
+            tracker.table("eval/samples", cols, [[s.get(c) for c in cols] for s in samples])
+    return report
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``eval/<key>`` (the model), ``eval/base/<key>``, ``eval/delta/<key>``, per-type
+    ``eval/ifeval/type/<type>`` (instruction-level) and ``time/...``: for W&B and metrics.json."""
+    out: dict[str, float] = {}
+    m = report["metrics"]
+    for prefix, part in (("eval/", m["model"]), ("eval/base/", m["baseline"]), ("eval/delta/", m["delta"])):
+        for k, v in (part or {}).items():
+            out[prefix + k] = float(v)
+    for prefix, part in (
+        ("eval/", report["per_type"]["model"]),
+        ("eval/base/", report["per_type"]["baseline"]),
+    ):
+        for kind, d in (part or {}).items():
+            out[f"{prefix}ifeval/type/{kind}"] = float(d["instruction_accuracy"])
+    out |= {k: float(v) for k, v in report["time"].items()}
+    return out
+
+
+def _show(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") == "user") or json.dumps(
+        prompt
+    )
+
+
+def _samples(prompts: list[dict], gens: dict[str, list[Generation]], n: int) -> list[dict[str, Any]]:
+    out = []
+    for i, row in enumerate(prompts[:n]):
+        cons = row.get("constraints", "[]")
+        s: dict[str, Any] = {
+            "id": row.get("id", str(i)),
+            "prompt": _show(row["prompt"]),
+            "constraints": json.dumps(judges.parse_constraints(cons)),
+        }
+        for label in ("baseline", "model"):
+            if label in gens:
+                s[label] = gens[label][i].text
+                s[f"{label}_pass"] = judges.judge(cons, gens[label][i].text)
+        out.append(s)
+    return out
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    if float(v).is_integer() and abs(v) >= 1:
+        return f"{v:.0f}"
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+PCT = ("accuracy", "win_rate", "truncated")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    m = report["metrics"]
+    model, base, delta = m["model"], m["baseline"] or {}, m["delta"] or {}
+    info = report["model"]
+    lines = [
+        f"# Alignment report: {info.get('spec')}",
+        "",
+        f"- model: `{info.get('spec')}` ({info.get('kind')}{', stage=' + info['stage'] if info.get('stage') else ''})",
+        f"- base model: `{info.get('base_model')}`",
+        f"- baseline: {'the base model (adapters disabled)' if report['baseline'] else 'none'}",
+        f"- held-out data: {report['data'].get('prompt_rows')} prompts ({report['data'].get('prompts')}), "
+        f"{report['data'].get('pair_rows')} pairs ({report['data'].get('pairs')})",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
+        f"- time: {report['time'].get('time/eval_s')} s",
+        "",
+        "## Metrics",
+        "",
+    ]
+    keys = [k for k in HEADLINE if k in model] + sorted(
+        k for k in model if k not in HEADLINE and not k.startswith("ifeval/type")
+    )
+    if base:
+        lines += ["| metric | baseline | model | difference |", "|---|---:|---:|---:|"]
+        for k in keys:
+            pct = any(p in k for p in PCT)
+            d = delta.get(k)
+            dtext = "-" if d is None else (f"{100 * d:+.1f} pts" if pct else f"{d:+.3f}")
+            lines.append(f"| {k} | {_fmt(base.get(k), pct)} | {_fmt(model[k], pct)} | {dtext} |")
+    else:
+        lines += ["| metric | model |", "|---|---:|"]
+        for k in keys:
+            lines.append(f"| {k} | {_fmt(model[k], any(p in k for p in PCT))} |")
+    pt_model = report["per_type"]["model"] or {}
+    pt_base = report["per_type"]["baseline"] or {}
+    if pt_model:
+        lines += ["", "## Per instruction type (strict, instruction-level)", ""]
+        if pt_base:
+            lines += ["| type | instructions | baseline | model |", "|---|---:|---:|---:|"]
+        else:
+            lines += ["| type | instructions | model |", "|---|---:|---:|"]
+        for kind, d in pt_model.items():
+            row = f"| {kind} | {d['instructions']} | "
+            if pt_base:
+                row += f"{_fmt(pt_base.get(kind, {}).get('instruction_accuracy'), True)} | "
+            lines.append(row + f"{_fmt(d['instruction_accuracy'], True)} |")
+    if report["samples"]:
+        lines += ["", "## Samples", ""]
+        for s in report["samples"]:
+            lines += [
+                f"### {s['id']}",
+                "",
+                "**Prompt:** " + s["prompt"].replace("\n", " "),
+                "",
+                f"**Constraints:** `{s['constraints']}`",
+                "",
+            ]
+            for label in ("baseline", "model"):
+                if label in s:
+                    verdict = "PASS" if s[f"{label}_pass"] else "FAIL"
+                    body = "\n".join("> " + x for x in (s[label] or "(empty)").splitlines())
+                    lines += [f"**{label}** ({verdict}):", "", body, ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
