@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from align import artifacts, backbone, data, rewards, training
+from align.tracking import is_main_process
 from align.training import StageContext
 
 HEADLINE = [
@@ -76,6 +77,8 @@ def run_online(
         peft_config=bb.peft_config,
     )
     trainer.train()
+    if is_main_process():  # every logged step (rewards, KL, lengths); metrics.json keeps the last values
+        artifacts.write_json_atomic(ctx.run_dir / "log_history.json", trainer.state.log_history)
     metrics = training.train_metrics(trainer)
     first = next((e["reward"] for e in trainer.state.log_history if "reward" in e), None)
     if first is not None:

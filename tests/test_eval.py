@@ -1,0 +1,260 @@
+"""stage=eval: metric definitions on known outputs, KL, the report files, and a real
+preference-accuracy gain after a short DPO run (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import compose, tiny_overrides, write_jsonl
+
+from align import evaluation
+from align.errors import AlignError
+from align.stages import execute
+
+# --------------------------------------------------------------------------- metric definitions
+
+
+def test_ifeval_metrics_prompt_and_instruction_level_and_per_type():
+    constraints = [
+        [{"type": "lowercase"}, {"type": "max_words", "n": 5}],  # both pass
+        json.dumps([{"type": "lowercase"}, {"type": "no_commas"}]),  # JSON string; 1 of 2 passes
+        [{"type": "title"}],  # fails
+    ]
+    completions = ["hello there friend", "hello, there", "No title here."]
+    m, per_type = evaluation.ifeval_metrics(constraints, completions)
+    assert m["ifeval/prompt_accuracy"] == pytest.approx(1 / 3)
+    assert m["ifeval/instruction_accuracy"] == pytest.approx(3 / 5)
+    assert m["ifeval/prompts"] == 3 and m["ifeval/instructions"] == 5
+    assert per_type["lowercase"] == {
+        "instructions": 2,
+        "instruction_accuracy": 1.0,
+        "prompts": 2,
+        "prompt_accuracy": 0.5,  # it passed twice, but only one of its prompts passed entirely
+    }
+    assert per_type["max_words"]["instruction_accuracy"] == 1.0
+    assert per_type["no_commas"]["instruction_accuracy"] == 0.0
+    assert per_type["title"] == {
+        "instructions": 1,
+        "instruction_accuracy": 0.0,
+        "prompts": 1,
+        "prompt_accuracy": 0.0,
+    }
+
+
+def test_preference_win_rate_kl_and_length_definitions():
+    p = evaluation.preference_metrics([-1.0, -5.0, -2.0, -3.0], [-2.0, -4.0, -2.0, -9.0])
+    assert p["pref/accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts half
+    assert p["pref/margin"] == pytest.approx((1 - 1 + 0 + 6) / 4)
+    assert evaluation.win_rate([1, 0, 0.5], [0, 1, 0.5]) == pytest.approx(0.5)
+    kl = evaluation.kl_metrics([[-1.0, -1.0], [-0.5]], [[-2.0, -1.0], [-1.5]])
+    assert kl["kl/token"] == pytest.approx((1 + 0 + 1) / 3)  # pooled over the 3 generated tokens
+    assert kl["kl/sequence"] == pytest.approx((1 + 1) / 2)
+    gens = [
+        evaluation.Generation("a b c", n_tokens=4),
+        evaluation.Generation("a", n_tokens=2, truncated=True),
+    ]
+    assert evaluation.length_metrics(gens) == {
+        "length/tokens": 3.0,
+        "length/words": 2.0,
+        "length/truncated": 0.5,
+    }
+
+
+def test_kl_of_a_model_against_itself_is_zero(tiny_model):
+    """A fresh LoRA adapter (B = 0) is the base: the KL on its own greedy completions is 0,
+    while a perturbed adapter's is not; both through the adapter-disabled baseline path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.backbone import ensure_chat_template, load_tokenizer
+
+    cfg = compose("stage=eval", *tiny_overrides(tiny_model))
+    tok = load_tokenizer(str(tiny_model), cfg.model)
+    ensure_chat_template(tok)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    prompts = [[{"role": "user", "content": f"Tell me about {w}."}] for w in ("water", "bees", "snow")]
+    me, ref = evaluation.Subject("model", model), evaluation.Subject("baseline", model, adapter=None)
+
+    def kl() -> dict:
+        with me.active() as m:
+            gens = evaluation.generate(m, tok, prompts, max_new_tokens=6, batch_size=2)
+        seqs = [(g.prompt_ids, g.ids) for g in gens]
+        with me.active() as m:
+            a = evaluation.token_logps(m, seqs, batch_size=2, device="cpu")
+        with ref.active() as m:
+            b = evaluation.token_logps(m, seqs, batch_size=2, device="cpu")
+        assert sum(map(len, a)) > 0
+        return evaluation.kl_metrics(a, b)
+
+    assert kl() == {"kl/token": pytest.approx(0.0, abs=1e-6), "kl/sequence": pytest.approx(0.0, abs=1e-5)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    # greedy completions of the model itself: they are likelier under it than under the base
+    assert kl()["kl/token"] > 0.01
+
+
+# --------------------------------------------------------------------------- a real run
+
+
+def _separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        t = rng.choice(topics)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+                "chosen": [{"role": "assistant", "content": f"good answer about {t} yes"}],
+                "rejected": [{"role": "assistant", "content": f"bad answer about {t} no"}],
+            }
+        )
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval-dpo")
+    train = _separable_pairs(d / "train.jsonl", ["water", "bees", "music", "snow", "rain", "stars"], 120, 0)
+    test = _separable_pairs(d / "test.jsonl", ["ocean", "mountain", "city", "moon"], 24, 1)
+    cfg = compose(
+        "stage=dpo",
+        *tiny_overrides(
+            tiny_model, f"data.train={train}", f"data.eval={test}", "train.max_steps=8", "train.lr=3e-3"
+        ),
+    )
+    execute(cfg, d / "run")
+    return d / "run", test
+
+
+EVAL_FAST = ("eval.max_prompts=6", "eval.max_new_tokens=6", "eval.batch_size=6", "eval.samples_to_log=3")
+
+
+def test_eval_of_a_dpo_run_reports_higher_preference_accuracy_than_base(tiny_model, dpo_run, tmp_path):
+    run_dir, test_pairs = dpo_run
+    cfg = compose(
+        "stage=eval",
+        *tiny_overrides(tiny_model, f"eval.model={run_dir}", f"eval.pairs={test_pairs}", *EVAL_FAST),
+    )
+    m = execute(cfg, tmp_path / "eval")
+    # DPO learnt the held-out preference; the base (adapters disabled, same weights) did not
+    assert m["eval/pref/accuracy"] > m["eval/base/pref/accuracy"]
+    assert m["eval/pref/accuracy"] >= 0.9
+    assert m["eval/pref/margin"] > m["eval/base/pref/margin"]
+    assert m["eval/delta/pref/accuracy"] == pytest.approx(
+        m["eval/pref/accuracy"] - m["eval/base/pref/accuracy"]
+    )
+    # implicit DPO reward against its reference (the base), with the run's beta
+    assert m["eval/dpo/reward_accuracy"] >= 0.9 and m["eval/dpo/reward_margin"] > 0
+    assert m["eval/dpo/beta"] == pytest.approx(0.1)
+    # the trained adapter moved the policy away from the base, the base is at KL 0 from itself
+    assert m["eval/kl/token"] > 0 and m["eval/base/kl/token"] == 0.0
+    assert m["eval/ifeval/prompts"] == 6 and 0 <= m["eval/ifeval/prompt_accuracy"] <= 1
+    assert 0 < m["eval/length/tokens"] <= 6
+
+    out = tmp_path / "eval"
+    report = json.loads((out / "eval.json").read_text())
+    assert {
+        "format",
+        "model",
+        "baseline",
+        "settings",
+        "data",
+        "metrics",
+        "per_type",
+        "samples",
+        "time",
+        "flat",
+    } <= set(report)
+    assert report["model"]["stage"] == "dpo" and report["baseline"] == "base"
+    assert set(report["metrics"]) == {"model", "baseline", "delta"}
+    assert report["per_type"]["model"] and report["per_type"]["baseline"]
+    assert len(report["samples"]) == 3
+    assert {"id", "prompt", "constraints", "baseline", "baseline_pass", "model", "model_pass"} <= set(
+        report["samples"][0]
+    )
+    md = (out / "report.md").read_text()
+    assert "| metric | baseline | model | difference |" in md and "| pref/accuracy |" in md
+    assert "## Per instruction type" in md and "## Samples" in md
+    manifest = json.loads((out / "artifact.json").read_text())
+    assert manifest["stage"] == "eval" and manifest["adapter"]["path"] is None
+    assert not (out / "adapter").exists()
+    assert manifest["metrics"]["eval/pref/accuracy"] == m["eval/pref/accuracy"]
+
+
+def test_judged_accuracy_and_win_rate_on_fixed_completions(tiny_model, dpo_run, tmp_path, monkeypatch):
+    """A stub generator: the model answers in lowercase, the baseline in capitals; the judges
+    decide the accuracies and the judge-based win-rate exactly."""
+    run_dir, _ = dpo_run
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"id": "a", "prompt": "Say hi.", "constraints": [{"type": "lowercase"}]},
+            {"id": "b", "prompt": "Say bye.", "constraints": [{"type": "lowercase"}, {"type": "no_commas"}]},
+        ],
+    )
+    real = evaluation.generate
+
+    def stub(model, tokenizer, prompts, **kw):
+        gens = real(model, tokenizer, prompts, **kw)  # real ids (for KL), fixed texts for the judges
+        text = "hello, world" if kw["desc"].endswith("model") else "HELLO, WORLD"
+        for g in gens:
+            g.text = text
+        return gens
+
+    monkeypatch.setattr(evaluation, "generate", stub)
+    cfg = compose(
+        "stage=eval",
+        *tiny_overrides(tiny_model, f"eval.model={run_dir}", f"eval.prompts={prompts}", "eval.max_pairs=0"),
+        "eval.max_new_tokens=4",
+    )
+    m = execute(cfg, tmp_path / "eval")
+    assert m["eval/ifeval/prompt_accuracy"] == 0.5  # b fails no_commas
+    assert m["eval/ifeval/instruction_accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/base/ifeval/prompt_accuracy"] == 0.0 and m["eval/base/ifeval/instruction_accuracy"] == 0.0
+    assert m["eval/ifeval/type/lowercase"] == 1.0 and m["eval/ifeval/type/no_commas"] == 0.0
+    assert m["eval/win_rate/judge"] == 1.0  # better on both prompts
+    assert "eval/pref/accuracy" not in m  # eval.max_pairs=0 skips the pairs
+    samples = json.loads((tmp_path / "eval" / "eval.json").read_text())["samples"]
+    assert [(s["model_pass"], s["baseline_pass"]) for s in samples] == [(True, False), (False, False)]
+
+
+def test_train_eval_at_end_writes_the_report_into_the_training_run(tiny_model, tmp_path):
+    cfg = compose(
+        "stage=sft",
+        *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=2", "train.eval_at_end=true"),
+        "eval.max_prompts=2",
+        "eval.max_pairs=4",
+        "eval.max_new_tokens=4",
+    )
+    m = execute(cfg, tmp_path / "sft")
+    assert (tmp_path / "sft" / "adapter").is_dir()
+    report = json.loads((tmp_path / "sft" / "eval.json").read_text())
+    assert report["model"]["stage"] == "sft" and report["data"]["prompt_rows"] == 2
+    assert (tmp_path / "sft" / "report.md").is_file()
+    assert m["eval/ifeval/prompts"] == 2 and m["eval/pref/pairs"] == 4 and "train/loss" in m
+
+
+def test_eval_refuses_a_reward_model_run_and_bad_keys(tiny_model, tmp_path):
+    fake = tmp_path / "rm"
+    fake.mkdir()
+    (fake / "artifact.json").write_text(
+        json.dumps(
+            {
+                "format": "align-artifact/1",
+                "stage": "rm",
+                "base_model": {"name_or_path": str(tiny_model)},
+                "adapter": {},
+            }
+        )
+    )
+    with pytest.raises(AlignError, match="not a policy.*eval.reward"):
+        execute(compose("stage=eval", *tiny_overrides(tiny_model, f"eval.model={fake}")), tmp_path / "e1")
+    with pytest.raises(AlignError, match="eval.baseline"):
+        execute(compose("stage=eval", *tiny_overrides(tiny_model, "eval.baseline=bogus")), tmp_path / "e2")
