@@ -1,0 +1,184 @@
+"""Results table: base, SFT, SFT->DPO, SFT->RM->PPO and SFT->GRPO on the embedded SmolLM2-135M,
+each trained for a fixed budget and then evaluated by stage=eval on the same held-out data.
+
+    .venv/bin/python examples/results_table.py --minutes 10          # hours of CPU in all
+    .venv/bin/python examples/results_table.py --smoke               # 1-2 steps each, data=tiny
+
+Every step shells out to ``python -m align ...`` (the same commands a user types), into
+``--out`` (default ``outputs/results/<time>``), and the table is written to
+``<out>/results.md`` and printed. The budget per method is ``--minutes`` of training: the
+number of steps is estimated from a timed short probe run of that stage (``--probe-steps``
+steps, startup subtracted by a 1-step run) unless ``--steps`` fixes it for all stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parent.parent
+
+# (method, chain of (stage, extra overrides with {sft}/{rm} placeholders))
+METHODS = [
+    ("base", []),
+    ("SFT", [("sft", [])]),
+    ("SFT -> DPO", [("sft", []), ("dpo", ["dpo.init={sft}"])]),
+    ("SFT -> RM -> PPO", [("sft", []), ("rm", []), ("ppo", ["ppo.policy={sft}", "ppo.reward={rm}"])]),
+    ("SFT -> GRPO (judge:ifeval)", [("sft", []), ("grpo", ["grpo.init={sft}", "grpo.reward=judge:ifeval"])]),
+]
+COLUMNS = [
+    ("instruction acc. (prompt)", "eval/ifeval/prompt_accuracy", True),
+    ("instruction acc. (instr.)", "eval/ifeval/instruction_accuracy", True),
+    ("preference acc.", "eval/pref/accuracy", True),
+    ("KL to base (per token)", "eval/kl/token", False),
+    ("mean length (tokens)", "eval/length/tokens", False),
+    ("mean length (words)", "eval/length/words", False),
+]
+
+
+def stage_exists(stage: str) -> bool:
+    return (REPO / "align" / "stages" / f"{stage}.py").is_file()
+
+
+def align(args: list[str], run_dir: Path, log: Path) -> float:
+    """Run ``python -m align <args>`` into ``run_dir``; returns its wall time in seconds."""
+    cmd = [PY, "-m", "align", *args, f"hydra.run.dir={run_dir}"]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.time()
+    with log.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    return time.time() - t0
+
+
+def steps_for(stage: str, common: list[str], opts, out: Path, log: Path) -> int:
+    """Training steps that fit ``--minutes``: time a 1-step and a probe run of the stage."""
+    if opts.steps:
+        return opts.steps
+    if stage == "sft" and "sft" in opts._cache:
+        return opts._cache["sft"]
+    extra = {"ppo": ["ppo.reward=judge:ifeval"]}.get(stage, [])
+    one = align([f"stage={stage}", *common, *extra, "train.max_steps=1"], out / f"probe-{stage}-1", log)
+    many = align(
+        [f"stage={stage}", *common, *extra, f"train.max_steps={1 + opts.probe_steps}"],
+        out / f"probe-{stage}-n",
+        log,
+    )
+    per_step = max((many - one) / opts.probe_steps, 0.1)
+    startup = max(one - per_step, 0.0)
+    steps = max(1, int((opts.minutes * 60 - startup) / per_step))
+    print(f"  {stage}: ~{per_step:.1f} s/step, startup ~{startup:.0f} s -> {steps} steps", flush=True)
+    opts._cache[stage] = steps
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per stage of each method")
+    ap.add_argument(
+        "--steps", type=int, default=0, help="fix train.max_steps for every stage (skips probing)"
+    )
+    ap.add_argument("--probe-steps", type=int, default=2)
+    ap.add_argument(
+        "--smoke", action="store_true", help="data=tiny, 1-2 steps, 4 eval prompts: proves the pipeline"
+    )
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
+    ap.add_argument(
+        "overrides", nargs="*", help="extra overrides for every command (e.g. model=qwen2.5-0.5b)"
+    )
+    opts = ap.parse_args()
+    opts._cache = {}
+    out = (opts.out or REPO / "outputs" / "results" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    common = ["tracking=disabled" if opts.smoke else "tracking=offline", *opts.overrides]
+    train_extra: dict[str, list[str]] = {}
+    evaluate = ["eval.baseline=none"]
+    if opts.smoke:
+        opts.steps = opts.steps or 2
+        evaluate += ["eval.max_prompts=4", "eval.max_pairs=8", "eval.max_new_tokens=16"]
+        train_extra = {
+            "sft": ["data=tiny"],
+            "dpo": ["data=tiny"],
+            "rm": ["data=tiny"],
+            "ppo": ["data.max_train_rows=16", "ppo.max_new_tokens=16"],
+            "grpo": ["data.max_train_rows=16", "grpo.max_completion_length=16"],
+        }
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    rows = []
+    done: dict[tuple, Path] = {}  # shared prefixes (the SFT run) are trained once
+    took: dict[tuple, float] = {}  # ... and their wall time counts for every method built on them
+    for name, chain in METHODS:
+        if opts.only and name not in opts.only:
+            continue
+        missing = [s for s, _ in chain if not stage_exists(s)]
+        if missing:
+            rows.append({"method": name, "todo": f"TODO: stage={','.join(missing)} is not in this tree yet"})
+            continue
+        wall = 0.0
+        dirs: dict[str, Path] = {}
+        prefix: tuple = ()
+        for stage, extra in chain:
+            prefix = (*prefix, stage)
+            if prefix in done:
+                dirs[stage] = done[prefix]
+                wall += took[prefix]
+                continue
+            steps = steps_for(stage, common + train_extra.get(stage, []), opts, out, log)
+            run_dir = out / "-".join(prefix)
+            args = [f"stage={stage}", *common, *train_extra.get(stage, []), f"train.max_steps={steps}"]
+            args += [x.format(**{k: str(v) for k, v in dirs.items()}) for x in extra]
+            took[prefix] = align(args, run_dir, log)
+            wall += took[prefix]
+            dirs[stage] = done[prefix] = run_dir
+        target = str(dirs[chain[-1][0]]) if chain else "base"
+        eval_dir = out / ("eval-" + ("-".join(prefix) if prefix else "base"))
+        eval_wall = align(["stage=eval", *common, f"eval.model={target}", *evaluate], eval_dir, log)
+        report = json.loads((eval_dir / "eval.json").read_text())
+        rows.append(
+            {"method": name, "metrics": report["flat"], "train_s": wall, "eval_s": eval_wall, "dir": target}
+        )
+
+    table = render(rows, opts)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    print(f"(written to {out / 'results.md'})")
+
+
+def render(rows: list[dict], opts) -> str:
+    head = "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " | train wall time | eval wall time |"
+    lines = [
+        f"Held-out results ({'SMOKE RUN: data=tiny, 2 steps, 4 prompts; not a result' if opts.smoke else ''}"
+        f"{'' if opts.smoke else f'{opts.minutes:g} min training budget per stage'}; "
+        "strict judges on reward_data/prompts_test.jsonl, preference accuracy on pairs_test.jsonl)",
+        "",
+        head,
+        "|" + "---|" * (len(COLUMNS) + 3),
+    ]
+    for r in rows:
+        if "todo" in r:
+            lines.append(f"| {r['method']} ({r['todo']}) | " + " | ".join(["-"] * (len(COLUMNS) + 2)) + " |")
+            continue
+        m = r["metrics"]
+        cells = []
+        for _, key, pct in COLUMNS:
+            v = m.get(key)
+            cells.append("-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}"))
+        cells += [f"{r['train_s'] / 60:.1f} min", f"{r['eval_s'] / 60:.1f} min"]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
