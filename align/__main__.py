@@ -6,6 +6,7 @@ answer in about a second. The stage module imports what it needs when it runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from align import overrides, runs
 from align.config import register
 from align.errors import AlignError
 
@@ -27,13 +29,41 @@ def config_dir() -> str:
 
 
 def run(cfg: DictConfig) -> float | None:
+    from align.secrets import redact_text, scrub_files
     from align.stages import execute
 
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sys.argv[:] = [redact_text(a) for a in sys.argv]  # W&B records the command line
+    if hc.output_subdir and runs.main_process():
+        scrub_files(run_dir / hc.output_subdir)  # Hydra's copy of the overrides
     try:
-        metrics = execute(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.resume:
+            cfg = runs.resume_config(cfg, list(hc.overrides.task))
+        metrics = execute(cfg, run_dir)
     except AlignError as e:
-        print(f"align: error: {e}", file=sys.stderr)
+        where = runs.mark_failed(run_dir, e)
+        print(f"align: error: {e}" + (f"\n  ({where})" if where else ""), file=sys.stderr)
         sys.exit(2)
+    except runs.Interrupted as e:
+        if runs.main_process():
+            print(f"align: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt as e:
+        where = runs.mark_failed(run_dir, e)
+        print("align: interrupted" + (f" ({where})" if where else ""), file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("ALIGN_DEBUG"):
+            raise
+        where = runs.mark_failed(run_dir, e, with_traceback=True)
+        first = redact_text(str(e).strip().splitlines()[0] if str(e).strip() else "")[:300]
+        print(
+            f"align: error: unexpected {type(e).__name__}: {first} ({where or 'no outputs were written'}; "
+            "set ALIGN_DEBUG=1 to see the traceback here)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     # a sweeper (e.g. Optuna) optimises the returned value
     for key in ("eval/rewards/accuracies", "eval/loss", "train/loss"):
         if key in metrics:
@@ -43,6 +73,12 @@ def run(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     register()
+    try:  # one-line errors for misspelt keys and wrong types; one run dir for resume and all ranks
+        overrides.check(sys.argv[1:], config_dir())
+        sys.argv[1:] = runs.pin_run_dir(sys.argv[1:])
+    except AlignError as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        sys.exit(2)
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run)()
 
 

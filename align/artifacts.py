@@ -126,7 +126,9 @@ def write_manifest(
         "seed": cfg.seed,
     }
     path = Path(run_dir) / MANIFEST
-    write_json_atomic(path, manifest)
+    from align.secrets import redact
+
+    write_json_atomic(path, redact(manifest))
     return path
 
 

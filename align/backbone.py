@@ -306,6 +306,11 @@ class Backbone:
     runtime: Runtime
 
 
+def tokenizer_for(cfg: Any):
+    """The tokenizer a stage's backbone will use (cheap: for checking rows before the model loads)."""
+    return load_tokenizer(resolve_model_path(cfg.model), cfg.model)
+
+
 def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None) -> Backbone:
     """Base model + tokenizer + adapter plan for a stage.
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,12 +235,55 @@ CONVERTERS = {"preference": preference_row, "sft": sft_row, "prompt": prompt_row
 
 
 def validate_rows(rows: list[Row], kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in _validated(rows, kind, skip=False, dropped=[])]
+
+
+def _validated(rows: list[Row], kind: str, *, skip: bool, dropped: list[str]) -> list[tuple[str, dict]]:
+    """(where, row) pairs; with ``skip`` a malformed row is dropped and noted in ``dropped``."""
     convert = CONVERTERS[kind]
-    out = [convert(r) for r in rows]
-    keysets = {tuple(sorted(o)) for o in out}
+    out = []
+    for r in rows:
+        try:
+            out.append((r.where, convert(r)))
+        except AlignError as e:
+            if not skip:
+                raise
+            dropped.append(str(e))
+    keysets = {tuple(sorted(o)) for _, o in out}
     if len(keysets) > 1:
-        first = rows[0].where
+        first = out[0][0]
         raise AlignError(f"rows mix different formats ({' vs '.join(map(str, keysets))}); first row: {first}")
+    return out
+
+
+def _prompt_tokens(row: dict[str, Any], tokenizer: Any) -> int:
+    prompt = row.get("prompt")
+    if prompt is None:  # plain text rows have no prompt
+        return 0
+    if isinstance(prompt, list):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _fitting(
+    rows: list[tuple[str, dict]], tokenizer: Any, max_length: int, *, skip: bool, dropped: list[str], limit: int | None
+) -> list[dict[str, Any]]:
+    """The rows whose prompt leaves room for a response within ``max_length`` tokens (up to ``limit``)."""
+    out = []
+    for where, row in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        n = _prompt_tokens(row, tokenizer)
+        if n >= max_length:
+            msg = (
+                f"{where}: the prompt is {n} tokens, longer than model.max_length={max_length} (no room for "
+                "the response); raise model.max_length, shorten the row, or set data.on_error=skip to drop such rows"
+            )
+            if not skip:
+                raise AlignError(msg)
+            dropped.append(msg)
+            continue
+        out.append(row)
     return out
 
 
@@ -261,32 +305,57 @@ def source_paths(data_cfg: Any, kind: str) -> tuple[str, str | None]:
     return str(base / train), data_cfg.eval or (str(base / held_out) if held_out else None)
 
 
-def load(data_cfg: Any, kind: str, *, seed: int, needed_train_rows: int | None = None) -> Split:
+def load(
+    data_cfg: Any,
+    kind: str,
+    *,
+    seed: int,
+    needed_train_rows: int | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> Split:
     """Validated train and held-out datasets of ``kind`` (sft | preference | prompt).
 
     ``needed_train_rows`` (from train.max_steps) caps how many shuffled rows are kept, so
-    a short run does not tokenize a whole corpus it will never see.
+    a short run does not tokenize a whole corpus it will never see. With ``tokenizer`` and
+    ``max_length``, a row whose prompt alone fills ``max_length`` tokens is an error, or,
+    with ``data.on_error=skip``, dropped (like a malformed row) and counted.
     """
+    skip = str(getattr(data_cfg.on_error, "value", data_cfg.on_error)) == "skip"
+    dropped: list[str] = []
     train_src, eval_src = source_paths(data_cfg, kind)
-    train_rows = validate_rows(read_rows(train_src, data_cfg.split), kind)
+    train_rows = _validated(read_rows(train_src, data_cfg.split), kind, skip=skip, dropped=dropped)
     if not train_rows:
-        raise AlignError(f"{train_src}: no rows")
+        raise AlignError(f"{train_src}: no rows" + (f" left ({len(dropped)} dropped)" if dropped else ""))
     rng = random.Random(seed)
     rng.shuffle(train_rows)
     if eval_src:
-        eval_rows = validate_rows(read_rows(eval_src, data_cfg.split), kind)
+        eval_rows = _validated(read_rows(eval_src, data_cfg.split), kind, skip=skip, dropped=dropped)
     elif data_cfg.eval_fraction > 0 and len(train_rows) >= 2:
         n_eval = max(1, round(len(train_rows) * data_cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
     else:
         eval_rows = []
     caps = [c for c in (data_cfg.max_train_rows, needed_train_rows) if c]
-    if caps:
-        train_rows = train_rows[: min(caps)]
-    if data_cfg.max_eval_rows:
-        eval_rows = eval_rows[: data_cfg.max_eval_rows]
+    if tokenizer is not None and max_length:
+        fit = dict(skip=skip, dropped=dropped)
+        train_rows = _fitting(train_rows, tokenizer, max_length, limit=min(caps) if caps else None, **fit)
+        eval_rows = _fitting(eval_rows, tokenizer, max_length, limit=data_cfg.max_eval_rows or None, **fit)
+    else:
+        train_rows = [r for _, r in train_rows][: min(caps) if caps else None]
+        eval_rows = [r for _, r in eval_rows][: data_cfg.max_eval_rows or None]
+    if not train_rows:
+        raise AlignError(f"{train_src}: no usable rows ({len(dropped)} dropped; first: {dropped[0]})")
     info = {"train": train_src, "eval": eval_src or f"{data_cfg.eval_fraction:.0%} of train"}
     info |= {"train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    if dropped:
+        info["dropped_rows"] = len(dropped)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"align: data: dropped {len(dropped)} row(s) (data.on_error=skip); first: {dropped[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
     return Split(
         train=cached_dataset(train_rows), eval=cached_dataset(eval_rows) if eval_rows else None, info=info
     )

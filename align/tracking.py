@@ -26,8 +26,10 @@ def is_main_process() -> bool:
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (Enums as strings), for W&B and config.yaml."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """The resolved config as plain data (Enums as strings), for W&B and config.yaml; secrets masked."""
+    from align.secrets import redact
+
+    return redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 @dataclass
@@ -70,13 +72,16 @@ class Tracker:
         return None
 
 
-def start(cfg: Any, stage: str, run_dir: Path) -> Tracker:
+def start(cfg: Any, stage: str, run_dir: Path, resume_id: str | None = None) -> Tracker:
+    """Open the stage's W&B run; ``resume_id`` (resume=<run dir>) continues that run."""
     mode = TrackingMode(cfg.tracking.mode).value
     if mode == TrackingMode.disabled.value or not is_main_process():
         # transformers' W&B callback must not start a run of its own either
         os.environ["WANDB_DISABLED"] = "true"
         return Tracker(mode=TrackingMode.disabled.value)
     import wandb
+
+    from align.secrets import MASK, redact
 
     t = cfg.tracking
     wandb_dir = Path(t.dir or run_dir)
@@ -89,7 +94,9 @@ def start(cfg: Any, stage: str, run_dir: Path) -> Tracker:
             entity=t.entity,
             group=t.group,
             name=name,
-            tags=[stage, cfg.model.name, cfg.adapter.kind.value, *t.tags],
+            tags=[x for x in redact([stage, cfg.model.name, cfg.adapter.kind.value, *t.tags]) if x != MASK],
+            id=resume_id,
+            resume="allow" if resume_id else None,
             job_type=stage,
             dir=str(wandb_dir),
             config=config_dict(cfg) | {"run_dir": str(run_dir)},

@@ -12,14 +12,16 @@ from align.config import validate
 
 def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     """Validate ``cfg``, open the W&B run and run the stage into ``run_dir``."""
-    from align import tracking
+    from align import runs, tracking
     from align.training import StageContext
 
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracking.start(cfg, cfg.stage, run_dir)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker)
+    resume = runs.resume_state(cfg, run_dir)  # resume=<run dir>: its last checkpoint and W&B run
+    tracker = tracking.start(cfg, cfg.stage, run_dir, resume_id=resume.wandb_id)
+    runs.record_start(cfg, run_dir, tracker)  # config.yaml + run.json, what resume reads
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker, resume_from=resume.checkpoint)
     try:
         metrics = importlib.import_module(f"align.stages.{cfg.stage}").run(ctx)
         if cfg.train.eval_at_end:

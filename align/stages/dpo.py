@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from align import artifacts, backbone, data, training
+from align import artifacts, backbone, data, guard, training
 from align.config import dpo_loss_types
 from align.training import StageContext
 
@@ -27,7 +27,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
         )
     split = data.load(
-        cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg)
+        cfg.data,
+        "preference",
+        seed=cfg.seed,
+        needed_train_rows=training.needed_train_rows(cfg),
+        tokenizer=backbone.tokenizer_for(cfg),  # rows whose prompt exceeds model.max_length: error or skip
+        max_length=cfg.model.max_length,
     )
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = DPOConfig(
@@ -48,7 +53,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    trainer.train()
+    guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
     metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
     lineage = {
         "init": str(init.run_dir) if init else None,

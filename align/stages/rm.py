@@ -4,7 +4,7 @@ head (peft keeps it in ``modules_to_save``), which is what PPO loads as its rewa
 
 from __future__ import annotations
 
-from align import backbone, data, training
+from align import backbone, data, guard, training
 from align.training import StageContext
 
 HEADLINE = ["eval/accuracy", "eval/margin", "eval/loss", "train/loss", "train/global_step"]
@@ -15,7 +15,12 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     cfg = ctx.cfg
     split = data.load(
-        cfg.data, "preference", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg)
+        cfg.data,
+        "preference",
+        seed=cfg.seed,
+        needed_train_rows=training.needed_train_rows(cfg),
+        tokenizer=backbone.tokenizer_for(cfg),  # rows whose prompt exceeds model.max_length: error or skip
+        max_length=cfg.model.max_length,
     )
     bb = backbone.build(cfg, task="seq_cls")
     common = training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None)
@@ -35,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    trainer.train()
+    guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
     metrics = training.train_metrics(trainer) | training.evaluate(trainer)
     return training.finish(
         ctx,

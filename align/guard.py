@@ -1,0 +1,184 @@
+"""Training that loses nothing and never goes silently wrong.
+
+:func:`train` runs a transformers/TRL trainer with
+
+* SIGTERM / SIGINT handling: the first signal finishes the current optimizer step, saves
+  a full checkpoint (adapter, optimizer, scheduler, RNG, trainer state: the Trainer's own
+  checkpointing) and stops; :class:`align.runs.Interrupted` then tells the CLI how to
+  resume. A second signal aborts at once.
+* a non-finite check of every gradient before each optimizer step: ``train.on_nan=stop``
+  drops the update and stops with a message naming the step (the last good checkpoint is
+  kept); ``train.on_nan=skip`` drops the update and goes on, counting the skipped steps.
+* resuming from ``ctx.resume_from`` (optimizer, scheduler, RNG and data order restored).
+
+All ranks agree on a stop (the flag is all-reduced), so a multi-process run never hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from align.errors import AlignError
+from align.runs import Interrupted, last_checkpoint, main_process
+
+STATE_FILE = "align_state.json"  # in each checkpoint: counters the trainer does not save itself
+
+
+class Guard(TrainerCallback):
+    def __init__(self, on_nan: str = "stop", trainer: Any = None, resume_from: str | None = None):
+        self.on_nan = on_nan
+        self.trainer = trainer
+        self.resume_from = resume_from
+        self.signum: int | None = None  # set by the signal handler
+        self.stopped_by: int | None = None  # the signal all ranks agreed to stop on
+        self.bad_step: int | None = None
+        self.skipped: list[int] = []
+
+    # ---------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            if self.signum is not None:  # second signal: abort now
+                signal.signal(signum, previous[signum] or signal.SIG_DFL)
+                raise KeyboardInterrupt
+            self.signum = signum
+            if main_process():
+                print(
+                    f"\nalign: got {signal.Signals(signum).name}; saving a checkpoint after this step "
+                    "(send it again to abort without saving)",
+                    flush=True,
+                )
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _agreed_signal(self, args: Any) -> int | None:
+        import torch
+        import torch.distributed as dist
+
+        mine = self.signum or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([mine], device=args.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            mine = int(t.item())
+        return mine or None
+
+    # ---------------------------------------------------------------- callback
+    def on_train_begin(self, args, state, control, **kwargs):
+        # TRL counts the tokens seen (train/num_tokens) outside the trainer state: restore it
+        path = Path(self.resume_from or "", STATE_FILE)
+        if self.resume_from and path.is_file() and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = json.loads(path.read_text()).get("total_train_tokens", 0)
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and ckpt.is_dir():
+            t = self.trainer
+            loss_sum = getattr(t, "_total_loss_scalar", 0.0) + float(getattr(t, "_tr_loss", 0.0))
+            state_ = {"total_train_tokens": getattr(t, "_total_train_tokens", None), "loss_sum": loss_sum}
+            (ckpt / STATE_FILE).write_text(json.dumps(state_ | {"step": state.global_step}))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        if model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            return
+        step = state.global_step + 1
+        for p in model.parameters():  # the optimizer skips parameters without a gradient
+            p.grad = None
+        if self.on_nan == "skip":
+            self.skipped.append(step)
+            if main_process():
+                print(f"\nalign: warning: non-finite gradient at step {step}; update skipped", flush=True)
+        else:
+            self.bad_step = step
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bad_step is not None:
+            control.should_save = False
+            control.should_training_stop = True
+            return
+        sig = self._agreed_signal(args)
+        if sig:
+            self.stopped_by = sig
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.bad_step is not None:
+            control.should_save = False
+
+
+def trainer_kwargs(cfg: Any) -> dict[str, Any]:
+    """TrainingArguments for checkpointing and non-finite handling (merged by training.trainer_args)."""
+    t = cfg.train
+    return dict(
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        save_only_model=False,
+        # a non-finite loss must show in the logs, not be averaged away (unless skipping is asked for)
+        logging_nan_inf_filter=str(getattr(t.on_nan, "value", t.on_nan)) == "skip",
+    )
+
+
+def train(ctx: Any, trainer: Any) -> None:
+    """``trainer.train()`` with signal handling, the non-finite check and resume."""
+    on_nan = str(getattr(ctx.cfg.train.on_nan, "value", ctx.cfg.train.on_nan))
+    guard = Guard(on_nan, trainer=trainer, resume_from=getattr(ctx, "resume_from", None))
+    trainer.add_callback(guard)
+    resume_from = getattr(ctx, "resume_from", None)
+    with guard.signals():
+        out = trainer.train(resume_from_checkpoint=resume_from)
+    step = trainer.state.global_step
+    saved = Path(resume_from or "", STATE_FILE)
+    if resume_from and saved.is_file() and step and trainer.state.log_history:
+        # the Trainer averages train_loss over this call only; report the whole run's average
+        before = json.loads(saved.read_text())
+        whole = (before["loss_sum"] + out.training_loss * (step - before["step"])) / step
+        for entry in reversed(trainer.state.log_history):
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+                break
+    if guard.skipped:
+        trainer.state.log_history.append({"skipped_nonfinite_steps": len(guard.skipped), "step": step})
+    resume = f"python -m align stage={ctx.cfg.stage} resume={ctx.run_dir}"
+    if guard.bad_step is not None:
+        ckpt = last_checkpoint(ctx.run_dir)
+        kept = (
+            f"the last good checkpoint is {ckpt}; after fixing the cause, continue with: {resume}"
+            if ckpt
+            else f"no checkpoint was saved before it (train.save_steps={ctx.cfg.train.save_steps})"
+        )
+        raise AlignError(
+            f"non-finite loss or gradient (NaN/inf) at step {guard.bad_step}; training stopped. "
+            f"Lower train.lr, check the data, or set train.on_nan=skip to drop such steps; {kept}"
+        )
+    if guard.stopped_by:
+        name = signal.Signals(guard.stopped_by).name
+        ckpt = last_checkpoint(ctx.run_dir)
+        raise Interrupted(
+            f"interrupted by {name} at step {step}; checkpoint saved to {ckpt}\n  resume with: {resume}",
+            guard.stopped_by,
+        )
