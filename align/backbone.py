@@ -215,6 +215,14 @@ def ensure_chat_template(tok, override: str | None = None) -> None:
 # --------------------------------------------------------------------------- model
 
 
+def sharded_training() -> bool:
+    """Launched under FSDP or DeepSpeed ZeRO-3 (accelerate sets these), which shard the base's weights."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    )
+
+
 def quantization_config(adapter_cfg: Any, rt: Runtime):
     if not adapter_cfg.bits:
         return None
@@ -234,7 +242,8 @@ def quantization_config(adapter_cfg: Any, rt: Runtime):
         bnb_4bit_quant_type=adapter_cfg.quant_type,
         bnb_4bit_use_double_quant=adapter_cfg.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP / ZeRO-3 shard the packed 4-bit weights only if stored in the compute dtype (peft's QLoRA guide)
+        bnb_4bit_quant_storage=compute if sharded_training() else torch.uint8,
     )
 
 
@@ -253,7 +262,8 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": torch.cuda.current_device() if rt.device == "cuda" else "cpu"}
+        if not sharded_training():  # under FSDP / ZeRO-3 the launcher places the shards
+            kwargs["device_map"] = {"": torch.cuda.current_device() if rt.device == "cuda" else "cpu"}
     cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
     if task == "seq_cls":
         kwargs["num_labels"] = 1

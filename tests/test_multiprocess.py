@@ -1,0 +1,58 @@
+"""`accelerate launch` with 2 processes on CPU (torchrun + gloo): one run directory for
+all ranks, artifacts and W&B from rank 0 only, and a result that loads like any other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+@pytest.mark.skipif(
+    not ACCELERATE.exists() and not shutil.which("accelerate"), reason="accelerate CLI missing"
+)
+def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_result(tiny_model, tmp_path):
+    root = tmp_path / "outputs"
+    env = dict(os.environ, ALIGN_OUTPUT_ROOT=str(root), WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    args = [
+        a for a in tiny_overrides(tiny_model, "data=tiny", "train.max_steps=3") if a != "tracking=disabled"
+    ]
+    cmd = [
+        str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate")),
+        "launch",
+        "--config_file",
+        str(REPO / "conf" / "accelerate" / "cpu.yaml"),
+        "-m",
+        "align",
+        "stage=dpo",
+        *args,
+        "tracking=offline",
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("align: stage=dpo finished") == 1  # rank 0 prints the summary
+
+    (run_dir,) = (root / "dpo").iterdir()  # ONE directory for both ranks
+    manifest = json.loads((run_dir / "artifact.json").read_text())
+    assert manifest["stage"] == "dpo"
+    # both ranks trained: 3 steps x 4 pairs per rank x 2 ranks
+    assert manifest["data"]["train_rows"] == 24 and manifest["metrics"]["train/global_step"] == 3
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # one W&B run, from rank 0
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(out).all()
