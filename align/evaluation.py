@@ -238,28 +238,40 @@ def generate(
 
 
 def token_logps(
-    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int, device: str
+    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int, device: str, desc: str = "log-probs"
 ) -> list[list[float]]:
-    """Per-token log-probs of each completion given its prompt (both given as token ids)."""
+    """Per-token log-probs of each completion given its prompt (both given as token ids).
+
+    Left padding puts every completion at the right edge, so the LM head runs on the last
+    ``max completion length + 1`` positions only (``logits_to_keep``)."""
     import torch
+    from tqdm.auto import tqdm
 
     out: list[list[float]] = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
+        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", leave=False):
             chunk = pairs[start : start + batch_size]
             width = max(len(p) + len(c) for p, c in chunk)
+            keep = max(len(c) for _, c in chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, (p, c) in enumerate(chunk):
-                ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-                mask[row, : len(p) + len(c)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            logits = logits[:, :-1].float()
-            targets = ids[:, 1:].to(device)
-            lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            for row, (p, c) in enumerate(chunk):
-                out.append(lp[row, len(p) - 1 : len(p) - 1 + len(c)].tolist())
+                ids[row, width - len(p) - len(c) :] = torch.tensor(p + c)
+                mask[row, width - len(p) - len(c) :] = 1
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=keep + 1,
+                use_cache=False,
+            ).logits[:, :-1]  # (B, keep, V): predictions of the last `keep` tokens
+            for row, (_, c) in enumerate(chunk):
+                pred = logits[row, keep - len(c) :].float()
+                target = torch.tensor(c, device=pred.device).unsqueeze(-1)
+                lp = pred.gather(-1, target).squeeze(-1) - torch.logsumexp(pred, dim=-1)
+                out.append(lp.tolist())
     return out
 
 
@@ -473,7 +485,10 @@ def _pair_logps(
     subject: Subject, ids: list[tuple[list[int], list[int]]], batch_size: int, device: str
 ) -> list[float]:
     with subject.active() as m:
-        return [sum(x) for x in token_logps(m, ids, batch_size=batch_size, device=device)]
+        return [
+            sum(x)
+            for x in token_logps(m, ids, batch_size=batch_size, device=device, desc=f"pairs {subject.label}")
+        ]
 
 
 def run(
