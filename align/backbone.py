@@ -342,6 +342,33 @@ def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None 
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
 
 
+def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
+    """The base with the saved adapter merged in, unquantized, for export.
+
+    ``cfg`` is the config of the run that trained the adapter. A 4-bit/8-bit base is reloaded
+    unquantized in the run's dtype (bf16 on CUDA, fp32 on CPU) before merging, so the merged
+    weights are exact. For ``adapter=none`` the saved directory is already the full model.
+    Returns ``(model, tokenizer)``; the tokenizer (with its chat template) is the run's.
+    """
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    rt = detect_runtime(cfg)
+    if not (adapter_dir / "adapter_config.json").is_file():  # adapter=none: a full model
+        cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+        return cls.from_pretrained(adapter_dir, dtype=rt.dtype, use_safetensors=True), tokenizer
+    from peft import PeftModel
+
+    plain = OmegaConf.merge(cfg, {"adapter": {"bits": 0}})  # dequantize: reload the base unquantized
+    base = load_base_model(resolve_model_path(cfg.model), plain, rt, task)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
     """Save the trained adapter (or the full model for adapter=none) and the tokenizer, atomically."""
     out_dir = Path(out_dir)
