@@ -83,7 +83,7 @@ def start(cfg: Any, stage: str, run_dir: Path, resume_id: str | None = None) -> 
 
     from align.secrets import MASK, redact
 
-    t = cfg.tracking
+    t = OmegaConf.create(config_dict(cfg)["tracking"])  # secrets masked (a token pasted into a tag...)
     wandb_dir = Path(t.dir or run_dir)
     wandb_dir.mkdir(parents=True, exist_ok=True)
     name = t.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
