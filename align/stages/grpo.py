@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import artifacts, backbone, data, rewards, training
+from align import artifacts, backbone, data, guard, rewards, training
 from align.tracking import is_main_process
 from align.training import StageContext
 
@@ -49,7 +49,14 @@ def run_online(
     t = cfg.train
     prompts_per_step = t.batch_size * t.grad_accum * training.world_size() // g.num_generations
     needed = prompts_per_step * t.max_steps * g.num_iterations if t.max_steps > 0 else None
-    split = data.load(cfg.data, "prompt", seed=cfg.seed, needed_train_rows=needed)
+    split = data.load(
+        cfg.data,
+        "prompt",
+        seed=cfg.seed,
+        needed_train_rows=needed,
+        tokenizer=backbone.tokenizer_for(cfg),  # prompts that fill model.max_length: error or skip
+        max_length=cfg.model.max_length,
+    )
     reward_funcs = rewards.resolve(g.reward, cfg, key=f"{key}.reward")
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = config_cls(
@@ -76,7 +83,7 @@ def run_online(
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    trainer.train()
+    guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
     if is_main_process():  # every logged step (rewards, KL, lengths); metrics.json keeps the last values
         artifacts.write_json_atomic(ctx.run_dir / "log_history.json", trainer.state.log_history)
     metrics = training.train_metrics(trainer)
