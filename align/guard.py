@@ -182,3 +182,101 @@ def train(ctx: Any, trainer: Any) -> None:
             f"interrupted by {name} at step {step}; checkpoint saved to {ckpt}\n  resume with: {resume}",
             guard.stopped_by,
         )
+
+
+class PPOCheckpoint:
+    """Checkpoints for align's own PPO loop (align/rl/ppo.py), which has no Trainer to do it.
+
+    A checkpoint (``checkpoints/checkpoint-<step>/``) holds the trainable weights (policy and
+    value adapters, value head), the optimizer, the scheduler, the KL controller, the step
+    history, and each rank's RNG state; the prompt stream is replayed to the same position on
+    resume. SIGTERM/SIGINT saves one and stops, as for the other stages.
+    """
+
+    STATE = "ppo_state.pt"
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self.every = int(ctx.cfg.train.save_steps)
+        self.keep = max(int(ctx.cfg.train.save_total_limit), 1)
+        self.guard = Guard()
+        self.stopped: tuple[int, int] | None = None  # (signal, step)
+
+    @staticmethod
+    def _rank() -> int:
+        import os
+
+        return int(os.environ.get("RANK", "0"))
+
+    def restore(self, trainer: Any) -> list[dict[str, float]]:
+        """The history of the steps already done ([] for a fresh run); the trainer's state is restored."""
+        import random
+
+        import torch
+
+        ckpt = getattr(self.ctx, "resume_from", None)
+        if not ckpt:
+            return []
+        state = torch.load(Path(ckpt) / self.STATE, weights_only=False)
+        with torch.no_grad():
+            for p, v in zip(trainer.models.trainable, state["trainable"], strict=True):
+                p.copy_(v)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.value = state["kl_value"]
+        rng = torch.load(Path(ckpt) / f"rng_{self._rank()}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return list(state["history"])
+
+    def after_step(self, trainer: Any, step: int, history: list[dict[str, float]]) -> bool:
+        """Save when due or signalled; True: stop the loop."""
+        from types import SimpleNamespace
+
+        sig = self.guard._agreed_signal(SimpleNamespace(device=trainer.device))
+        if sig or (self.every > 0 and step % self.every == 0 and step < trainer.t.max_steps):
+            self.save(trainer, step, history)
+        if sig:
+            self.stopped = (sig, step)
+        return bool(sig)
+
+    def save(self, trainer: Any, step: int, history: list[dict[str, float]]) -> None:
+        import random
+        import shutil
+
+        import torch
+
+        from align.runs import checkpoints
+
+        d = self.ctx.run_dir / "checkpoints" / f"checkpoint-{step}"
+        d.mkdir(parents=True, exist_ok=True)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+        torch.save(rng, d / f"rng_{self._rank()}.pt")
+        if not main_process():
+            return
+        state = {
+            "step": step,
+            "trainable": [p.detach().cpu().clone() for p in trainer.models.trainable],
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "kl_value": trainer.kl_ctl.value,
+            "history": history,
+        }
+        torch.save(state, d / (self.STATE + ".tmp"))
+        (d / (self.STATE + ".tmp")).replace(d / self.STATE)  # a checkpoint is complete once this exists
+        for old in checkpoints(self.ctx.run_dir)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def raise_if_stopped(self) -> None:
+        if self.stopped:
+            sig, step = self.stopped
+            run_dir = self.ctx.run_dir
+            raise Interrupted(
+                f"interrupted by {signal.Signals(sig).name} at step {step}; checkpoint saved to "
+                f"{run_dir / 'checkpoints' / f'checkpoint-{step}'}\n  resume with: python -m align "
+                f"stage={self.ctx.cfg.stage} resume={run_dir}",
+                sig,
+            )

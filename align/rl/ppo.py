@@ -394,13 +394,26 @@ class PPOTrainer:
             if len(mine) < k:
                 yield [rows[mine[j % len(mine)]] for j in range(k)]
 
-    def train(self, rows: list[dict[str, Any]], tracker: Any = None, seed: int = 0) -> list[dict[str, float]]:
+    def train(
+        self, rows: list[dict[str, Any]], tracker: Any = None, seed: int = 0, checkpoint: Any = None
+    ) -> list[dict[str, float]]:
+        """``checkpoint`` (align.guard.PPOCheckpoint): restore a resumed run, save / stop after steps."""
         from tqdm.auto import tqdm
 
         main = self.dist.rank == 0
         stream = self.prompt_stream(rows, seed)
-        history: list[dict[str, float]] = []
-        bar = tqdm(range(1, self.t.max_steps + 1), desc="ppo", disable=not main, dynamic_ncols=True)
+        history: list[dict[str, float]] = checkpoint.restore(self) if checkpoint is not None else []
+        for _ in history:  # resumed: replay the prompt stream past the steps already done
+            next(stream)
+        first = len(history) + 1
+        bar = tqdm(
+            range(first, self.t.max_steps + 1),
+            initial=first - 1,
+            total=self.t.max_steps,
+            desc="ppo",
+            disable=not main,
+            dynamic_ncols=True,
+        )
         for step in bar:
             started = time.perf_counter()
             batch = self.make_batch(next(stream))
@@ -427,6 +440,8 @@ class PPOTrainer:
                         )
                     ]
                     tracker.table("samples", ["step", "prompt", "completion", "score"], rows_)
+            if checkpoint is not None and checkpoint.after_step(self, step, history):
+                break
         return history
 
     @torch.no_grad()

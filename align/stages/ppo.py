@@ -8,7 +8,7 @@ reference.
 
 from __future__ import annotations
 
-from align import artifacts, backbone, data, training
+from align import artifacts, backbone, data, guard, training
 from align.training import StageContext
 
 HEADLINE = ["eval/score", "eval/ref_score", "train/first_scores", "objective/scores", "objective/kl"]
@@ -53,7 +53,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     torch.manual_seed(cfg.seed + dist.rank)
     trainer = ppo.PPOTrainer(cfg, models, tokenizer, device, reward_fn=reward_fn, dist=dist)
     rows = _fitting_prompts(split.train, tokenizer, cfg)
-    history = trainer.train(rows, tracker=ctx.tracker, seed=cfg.seed)
+    ckpt = guard.PPOCheckpoint(ctx)  # train.save_steps checkpoints, SIGTERM/SIGINT save+stop, resume
+    with ckpt.guard.signals():
+        history = trainer.train(rows, tracker=ctx.tracker, seed=cfg.seed, checkpoint=ckpt)
+    ckpt.raise_if_stopped()
 
     metrics = {k: v for k, v in history[-1].items()}
     metrics["train/first_scores"] = history[0]["objective/scores"]
