@@ -111,7 +111,7 @@ def main() -> None:
             "sft": ["data=tiny"],
             "dpo": ["data=tiny"],
             "rm": ["data=tiny"],
-            "ppo": ["data.max_train_rows=16", "ppo.max_new_tokens=16"],
+            "ppo": ["data.max_train_rows=16", "data.max_eval_rows=2", "ppo.max_new_tokens=16"],
             "grpo": ["data.max_train_rows=16", "grpo.max_completion_length=16"],
         }
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
