@@ -127,7 +127,8 @@ class TrainConfig:
     packing: bool = False  # SFT only: padding-free best-fit packing
     completion_only_loss: bool = True  # SFT only: loss on the response tokens only
     num_workers: int = 0
-    eval_at_end: bool = False  # after training, run stage=eval (eval.* keys) on this run's output, into its run dir
+    # after training, run stage=eval (eval.* keys) on this run's output, into its run dir
+    eval_at_end: bool = False
     save_steps: int = 50  # checkpoint every N steps (0: only when interrupted); see resume=
     save_total_limit: int = 2  # keep the last K checkpoints
     on_nan: OnNaN = OnNaN.stop  # a non-finite loss or gradient: stop | skip the step
@@ -238,7 +239,8 @@ class OnlineRLStageConfig:
     completions: each step samples ``batch_size * grad_accum / num_generations`` prompts."""
 
     init: str | None = None  # an sft/dpo/... run dir: the policy starts there (and it is the reference)
-    reward: str = "judge:ifeval"  # judge:<name> | fn:<module>:<function> | <rm run dir>; several joined by '+'
+    # judge:<name> | fn:<module>:<function> | <rm run dir>; several joined by '+'
+    reward: str = "judge:ifeval"
     reward_weights: list[float] | None = None  # one per reward; None: all 1.0
     num_generations: int = 4  # completions per prompt (the group)
     max_completion_length: int = 64
@@ -489,4 +491,6 @@ def validate_online_rl(cfg: Any) -> None:
         if g.scale_rewards not in ("group", "batch", "none"):
             raise AlignError(f"grpo.scale_rewards={g.scale_rewards!r}: use group, batch or none")
     if cfg.adapter.bits and g.use_vllm:
-        raise AlignError(f"{key}.use_vllm=true with a quantized base (adapter.bits) is not supported; use adapter=lora")
+        raise AlignError(
+            f"{key}.use_vllm=true with a quantized base (adapter.bits) is not supported; use adapter=lora"
+        )

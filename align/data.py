@@ -266,7 +266,13 @@ def _prompt_tokens(row: dict[str, Any], tokenizer: Any) -> int:
 
 
 def _fitting(
-    rows: list[tuple[str, dict]], tokenizer: Any, max_length: int, *, skip: bool, dropped: list[str], limit: int | None
+    rows: list[tuple[str, dict]],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    skip: bool,
+    dropped: list[str],
+    limit: int | None,
 ) -> list[dict[str, Any]]:
     """The rows whose prompt leaves room for a response within ``max_length`` tokens (up to ``limit``)."""
     out = []

@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from trl import DPOTrainer
+from trl import DPOTrainer, RewardTrainer
 
 from align.cache import cache_root
 
@@ -69,6 +69,10 @@ class LengthGroupedPairsMixin:
         return self._pair_sampler(eval_dataset, self.args.eval_batch_size) or super()._get_eval_sampler(
             eval_dataset
         )
+
+
+class AlignRewardTrainer(LengthGroupedPairsMixin, RewardTrainer):
+    pass
 
 
 class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):

@@ -42,6 +42,21 @@ def needed_train_rows(cfg: Any) -> int | None:
     return t.max_steps * t.batch_size * t.grad_accum * world_size()
 
 
+def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
+    """The stage's validated rows (``data.load``), prompts checked against ``model.max_length``
+    with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``."""
+    from align import backbone, data
+
+    return data.load(
+        cfg.data,
+        kind,
+        seed=cfg.seed,
+        needed_train_rows=needed_train_rows,
+        tokenizer=backbone.tokenizer_for(cfg),
+        max_length=cfg.model.max_length,
+    )
+
+
 def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
     """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...)."""
     from align import guard  # checkpointing and non-finite handling

@@ -41,7 +41,9 @@ def _eval_at_end(ctx: Any, metrics: dict[str, float]) -> dict[str, float]:
     from align import evaluation
 
     if ctx.cfg.stage not in evaluation.POLICY_STAGES:
-        logging.getLogger(__name__).info("train.eval_at_end: stage=%s has no policy to evaluate", ctx.cfg.stage)
+        logging.getLogger(__name__).info(
+            "train.eval_at_end: stage=%s has no policy to evaluate", ctx.cfg.stage
+        )
         return metrics
     gc.collect()
     report = evaluation.run(ctx.cfg, ctx.run_dir, ctx.tracker, model_spec=str(ctx.run_dir))

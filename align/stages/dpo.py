@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from align import artifacts, backbone, data, guard, training
+from align import artifacts, backbone, guard, training
 from align.config import dpo_loss_types
 from align.training import StageContext
 
@@ -26,14 +26,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         init = artifacts.read(
             cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
         )
-    split = data.load(
-        cfg.data,
-        "preference",
-        seed=cfg.seed,
-        needed_train_rows=training.needed_train_rows(cfg),
-        tokenizer=backbone.tokenizer_for(cfg),  # rows whose prompt exceeds model.max_length: error or skip
-        max_length=cfg.model.max_length,
-    )
+    split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = DPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from align import artifacts, backbone, data, guard, rewards, training
+from align import artifacts, backbone, guard, rewards, training
 from align.tracking import is_main_process
 from align.training import StageContext
 
@@ -49,14 +49,7 @@ def run_online(
     t = cfg.train
     prompts_per_step = t.batch_size * t.grad_accum * training.world_size() // g.num_generations
     needed = prompts_per_step * t.max_steps * g.num_iterations if t.max_steps > 0 else None
-    split = data.load(
-        cfg.data,
-        "prompt",
-        seed=cfg.seed,
-        needed_train_rows=needed,
-        tokenizer=backbone.tokenizer_for(cfg),  # prompts that fill model.max_length: error or skip
-        max_length=cfg.model.max_length,
-    )
+    split = training.load_data(cfg, "prompt", needed)
     reward_funcs = rewards.resolve(g.reward, cfg, key=f"{key}.reward")
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = config_cls(

@@ -8,7 +8,7 @@ reference.
 
 from __future__ import annotations
 
-from align import artifacts, backbone, data, guard, training
+from align import artifacts, backbone, guard, training
 from align.training import StageContext
 
 HEADLINE = ["eval/score", "eval/ref_score", "train/first_scores", "objective/scores", "objective/kl"]
@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     dist = ppo.Dist.current()
     rollout_prompts = cfg.train.batch_size * cfg.train.grad_accum * p.num_mini_batches
     needed = cfg.train.max_steps * rollout_prompts * dist.world
-    split = data.load(cfg.data, "prompt", seed=cfg.seed, needed_train_rows=needed)
+    split = training.load_data(cfg, "prompt", needed)
 
     rt = backbone.detect_runtime(cfg)
     path = backbone.resolve_model_path(cfg.model)

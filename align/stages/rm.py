@@ -4,35 +4,26 @@ head (peft keeps it in ``modules_to_save``), which is what PPO loads as its rewa
 
 from __future__ import annotations
 
-from align import backbone, data, guard, training
+from align import backbone, guard, training
 from align.training import StageContext
 
 HEADLINE = ["eval/accuracy", "eval/margin", "eval/loss", "train/loss", "train/global_step"]
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
+
+    from align.trainers import AlignRewardTrainer
 
     cfg = ctx.cfg
-    split = data.load(
-        cfg.data,
-        "preference",
-        seed=cfg.seed,
-        needed_train_rows=training.needed_train_rows(cfg),
-        tokenizer=backbone.tokenizer_for(cfg),  # rows whose prompt exceeds model.max_length: error or skip
-        max_length=cfg.model.max_length,
-    )
+    split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, task="seq_cls")
-    common = training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None)
-    if common.get("train_sampling_strategy") == "group_by_length":
-        # transformers infers lengths from an input_ids column; reward data has chosen_ids/rejected_ids
-        common["train_sampling_strategy"] = "random"
     args = RewardConfig(
-        **common,
+        **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
     )
-    trainer = RewardTrainer(
+    trainer = AlignRewardTrainer(
         model=bb.model,
         args=args,
         train_dataset=split.train,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from align import backbone, data, guard, training
+from align import backbone, guard, training
 from align.training import StageContext
 
 HEADLINE = ["eval/loss", "eval/mean_token_accuracy", "train/loss", "train/global_step"]
@@ -14,14 +14,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     from trl import SFTConfig, SFTTrainer
 
     cfg = ctx.cfg
-    split = data.load(
-        cfg.data,
-        "sft",
-        seed=cfg.seed,
-        needed_train_rows=training.needed_train_rows(cfg),
-        tokenizer=backbone.tokenizer_for(cfg),  # rows whose prompt exceeds model.max_length: error or skip
-        max_length=cfg.model.max_length,
-    )
+    split = training.load_data(cfg, "sft", training.needed_train_rows(cfg))
     bb = backbone.build(cfg)
     args = SFTConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
