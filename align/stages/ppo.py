@@ -42,6 +42,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     rt = backbone.detect_runtime(cfg)
     path = backbone.resolve_model_path(cfg.model)
     tokenizer = backbone.load_tokenizer(path, cfg.model)
+    torch.manual_seed(cfg.seed)  # fresh adapters and value head: the same on every rank and every run
     models = ppo.build_models(
         cfg,
         path,
