@@ -260,3 +260,30 @@ def test_stage_ppo_with_judge_logs_to_wandb_and_leaves_an_artifact(tiny_model, t
     logged = set().union(*history)
     assert {"objective/kl", "objective/scores", "policy/entropy", "loss/value", "val/ratio"} <= logged
     assert any(k.startswith("samples") for k in logged)
+
+
+def nan_reward(prompts, completions, completion_ids, **columns):
+    return [float("nan")] * len(completions)
+
+
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_non_finite_ppo_update_stops_or_is_skipped(tiny_model, on_nan):
+    from align import backbone
+    from align.errors import AlignError
+    from align.rl import ppo
+
+    cfg = ppo_config(tiny_model, "train.max_steps=2", "train.batch_size=4", f"train.on_nan={on_nan}")
+    rt = backbone.detect_runtime(cfg)
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    torch.manual_seed(0)
+    models = ppo.build_models(cfg, str(tiny_model), rt)
+    before = [p.detach().clone() for p in models.trainable]
+    trainer = ppo.PPOTrainer(cfg, models, tok, "cpu", reward_fn=nan_reward)
+    if on_nan == "stop":
+        with pytest.raises(AlignError, match="non-finite .* at PPO step 1"):
+            trainer.train(PROMPTS, seed=0)
+    else:
+        history = trainer.train(PROMPTS, seed=0)
+        assert len(history) == 2 and history[-1]["train/skipped_nonfinite_updates"] > 0
+    # no NaN reached the weights: every bad update was dropped
+    assert all(torch.equal(a, b) for a, b in zip(before, models.trainable, strict=True))

@@ -208,6 +208,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.cfg, self.p, self.t = cfg, cfg.ppo, cfg.train
+        self.step, self.skipped_updates = 0, 0
         self.models, self.tokenizer, self.device = models, tokenizer, device
         self.reward_fn = reward_fn
         if reward_fn is None and models.score_head is None:
@@ -300,6 +301,9 @@ class PPOTrainer:
 
     # ---- learning
 
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(q.grad).all()) for q in self.models.trainable if q.grad is not None)
+
     def update(self, b: Batch) -> dict[str, float]:
         p, t = self.p, self.t
         n = len(b.ro.completions)
@@ -308,6 +312,7 @@ class PPOTrainer:
         }
         for m in {id(m): m for m in self.models.models.values()}.values():
             m.train()
+        grad_norm = float("nan")  # stays NaN when every update of the step was non-finite and skipped
         for _ in range(p.ppo_epochs):
             order = torch.randperm(n)
             for mb in order.chunk(p.num_mini_batches):
@@ -344,6 +349,16 @@ class PPOTrainer:
                     stats["ratio"].append(s["ratio"].item())
                     stats["entropy"].append(losses.masked_mean(ent.detach(), mask).item())
                 self.dist.average_grads(self.models.trainable)
+                if not self._grads_finite():  # train.on_nan: stop, or drop this update
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.t.on_nan != "skip":
+                        raise AlignError(
+                            f"non-finite loss or gradient (NaN/inf) at PPO step {self.step}; stopped "
+                            "(train.on_nan=stop). Checkpoints of earlier steps are kept under "
+                            "<run dir>/checkpoints; lower train.lr or ppo.reward_clip, or set train.on_nan=skip"
+                        )
+                    self.skipped_updates += 1
+                    continue
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.models.trainable, t.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -416,6 +431,7 @@ class PPOTrainer:
         )
         for step in bar:
             started = time.perf_counter()
+            self.step = step
             batch = self.make_batch(next(stream))
             rollout_s = time.perf_counter() - started
             metrics = self.step_metrics(batch) | self.update(batch)
@@ -426,6 +442,7 @@ class PPOTrainer:
                 "time/step_s": time.perf_counter() - started,
                 "time/rollout_s": rollout_s,
                 "train/episodes": step * self.rollout_size * self.dist.world,
+                "train/skipped_nonfinite_updates": float(self.skipped_updates),
             }
             history.append(metrics)
             bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
