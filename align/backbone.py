@@ -12,14 +12,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from align.artifacts import atomic_dir
 from align.cache import cache_root
 from align.config import AdapterKind, Device, DType
 from align.errors import AlignError
@@ -155,19 +154,10 @@ def embedded_model_dir(name: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # replaces a half-written leftover of an interrupted conversion
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "align_source.json").write_text(json.dumps({"gguf": str(gguf), **spec.__dict__}, indent=2))
-        tmp.chmod(0o755)
-        if target.exists():  # a half-written leftover from an interrupted conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -371,20 +361,12 @@ def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
     """Save the trained adapter (or the full model for adapter=none) and the tokenizer, atomically."""
-    out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if hasattr(model, "peft_config"):  # only the trained adapter, not a trainer's frozen "ref" copy
             model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -23,8 +23,6 @@ import copy
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -628,7 +626,7 @@ def run(
     }
     report["flat"] = flat_metrics(report)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from align.artifacts import write_json_atomic
+    from align.artifacts import write_json_atomic, write_text_atomic
 
     write_json_atomic(out_dir / EVAL_JSON, report)
     write_text_atomic(out_dir / REPORT_MD, report_markdown(report))
@@ -759,14 +757,3 @@ def report_markdown(report: dict[str, Any]) -> str:
                     body = "\n".join("> " + x for x in (s[label] or "(empty)").splitlines())
                     lines += [f"**{label}** ({verdict}):", "", body, ""]
     return "\n".join(lines) + "\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -119,3 +119,20 @@ def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
+    """Preference pairs a tiny model learns and generalises: chosen says 'good ... yes',
+    rejected says 'bad ... no', about a topic drawn from ``topics``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        t = rng.choice(topics)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
+                "chosen": [{"role": "assistant", "content": f"good answer about {t} yes"}],
+                "rejected": [{"role": "assistant", "content": f"bad answer about {t} no"}],
+            }
+        )
+    return write_jsonl(path, rows)

@@ -4,11 +4,9 @@ preference-accuracy gain after a short DPO run (tiny model)."""
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
-from conftest import compose, tiny_overrides, write_jsonl
+from conftest import compose, separable_pairs, tiny_overrides, write_jsonl
 
 from align import evaluation
 from align.errors import AlignError
@@ -103,26 +101,11 @@ def test_kl_of_a_model_against_itself_is_zero(tiny_model):
 # --------------------------------------------------------------------------- a real run
 
 
-def _separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        t = rng.choice(topics)
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
-                "chosen": [{"role": "assistant", "content": f"good answer about {t} yes"}],
-                "rejected": [{"role": "assistant", "content": f"bad answer about {t} no"}],
-            }
-        )
-    return write_jsonl(path, rows)
-
-
 @pytest.fixture(scope="module")
 def dpo_run(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("eval-dpo")
-    train = _separable_pairs(d / "train.jsonl", ["water", "bees", "music", "snow", "rain", "stars"], 120, 0)
-    test = _separable_pairs(d / "test.jsonl", ["ocean", "mountain", "city", "moon"], 24, 1)
+    train = separable_pairs(d / "train.jsonl", ["water", "bees", "music", "snow", "rain", "stars"], 120, 0)
+    test = separable_pairs(d / "test.jsonl", ["ocean", "mountain", "city", "moon"], 24, 1)
     cfg = compose(
         "stage=dpo",
         *tiny_overrides(

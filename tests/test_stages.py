@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from pathlib import Path
 
 import pytest
-from conftest import compose, tiny_overrides, write_jsonl
+from conftest import compose, separable_pairs, tiny_overrides
 from safetensors.torch import load_file
 
 from align import artifacts
@@ -20,26 +18,10 @@ TOPICS_TRAIN = ["water", "bees", "music", "snow", "rain", "stars", "river", "for
 TOPICS_TEST = ["ocean", "mountain", "city", "moon"]
 
 
-def _separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
-    """chosen says 'good ... yes', rejected says 'bad ... no': learnable, and it generalises."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        t = rng.choice(topics)
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": f"Tell me about {t}."}],
-                "chosen": [{"role": "assistant", "content": f"good answer about {t} yes"}],
-                "rejected": [{"role": "assistant", "content": f"bad answer about {t} no"}],
-            }
-        )
-    return write_jsonl(path, rows)
-
-
 @pytest.fixture(scope="module")
 def pair_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("pairs")
-    return _separable_pairs(d / "train.jsonl", TOPICS_TRAIN, 160, 0), _separable_pairs(
+    return separable_pairs(d / "train.jsonl", TOPICS_TRAIN, 160, 0), separable_pairs(
         d / "test.jsonl", TOPICS_TEST, 24, 1
     )
 

@@ -11,9 +11,6 @@ export.hub_id=<user>/<name>`` uploads it when Hugging Face credentials are avail
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -148,17 +145,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     auto = "AutoModelForSequenceClassification" if task == "seq_cls" else "AutoModelForCausalLM"
     url = None
     if runs.main_process():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=ctx.run_dir))
-        try:
+        with artifacts.atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "README.md").write_text(model_card(art, chain, e.get("hub_id")), encoding="utf-8")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if e.get("push_to_hub"):
             url = _push(out, e.get("hub_id"), bool(e.get("private", True)))
         artifacts.write_manifest(
