@@ -146,21 +146,35 @@ def _records(path: Path):
             buf = b""
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict[str, Any]:
     """History rows, final summary and config of an offline W&B run directory
-    (``.../wandb/offline-run-*``), read from its ``.wandb`` file. For tests and audits."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    (``.../wandb/offline-run-*``), read from its ``.wandb`` file. For tests and audits.
 
+    W&B's service process may still be writing the file when ``finish()`` has returned;
+    this waits up to ``wait_s`` for the run's closing ``exit`` record."""
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _parse_run_file(files[0])
+        if out["complete"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _parse_run_file(path: Path) -> dict[str, Any]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    complete = False
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     config: dict[str, Any] = {}
-    for raw in _records(files[0]):
+    for raw in _records(path):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
+        complete = complete or kind == "exit"
         if kind == "history":
             history.append(
                 {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item}
@@ -174,4 +188,4 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             updates = rec.config.update if kind == "config" else rec.run.config.update
             for i in updates:
                 config["/".join(i.nested_key) or i.key] = json.loads(i.value_json)
-    return {"history": history, "summary": summary, "config": config}
+    return {"history": history, "summary": summary, "config": config, "complete": complete}

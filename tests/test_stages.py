@@ -113,7 +113,8 @@ def test_wandb_offline_run_holds_the_logged_metrics(tiny_model, pair_files, tmp_
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     logged = read_offline_run(run)
     losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
-    assert len(losses) == 4  # logging_steps=1
+    assert logged["complete"], "the W&B run file has no exit record"
+    assert len(losses) == 4, [sorted(h) for h in logged["history"]]  # logging_steps=1
     assert logged["summary"]["eval/rewards/accuracies"] == pytest.approx(m["eval/rewards/accuracies"])
     assert logged["config"]["dpo"]["beta"] == 0.1 and logged["config"]["stage"] == "dpo"
     manifest = json.loads((tmp_path / "run" / "artifact.json").read_text())
