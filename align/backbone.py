@@ -369,20 +369,6 @@ def save_adapter(model, tokenizer, out_dir: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit packed weights are counted as stored."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-# --------------------------------------------------------------------------- named adapters on one base
-# PPO keeps one base in memory and switches named LoRA adapters on it (policy, reference,
-# value, reward). The reward adapter was trained with task SEQ_CLS on a sequence-classification
-# model; its LoRA weights fit the causal-LM base unchanged (same module names), and its
-# ``score`` head (saved through peft's modules_to_save) is returned for the caller to apply.
-
-
 def add_adapter(model, cfg: Any, name: str, *, from_dir: str | Path | None = None, trainable: bool = True):
     """Add LoRA adapter ``name`` to causal-LM ``model`` (wrapped in a PeftModel if it is not one).
 

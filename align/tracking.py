@@ -18,8 +18,6 @@ from omegaconf import OmegaConf
 
 from align.config import TrackingMode
 
-SECRET_MARKERS = ("key", "token", "secret", "password")
-
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
