@@ -165,6 +165,22 @@ def write_manifest(
     return path
 
 
+def add_metrics(run_dir: Path, metrics: dict) -> None:
+    """Merge ``metrics`` into a finished run's metrics.json and artifact.json (e.g. the
+    train.eval_at_end report, computed after the stage wrote its artifact)."""
+    from align.secrets import redact
+
+    run_dir = Path(run_dir)
+    for name in ("metrics.json", MANIFEST):
+        path = run_dir / name
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if name == MANIFEST:
+            obj["metrics"] = {**obj.get("metrics", {}), **metrics}
+        else:
+            obj = {**obj, **metrics}
+        write_json_atomic(path, redact(obj))
+
+
 def read(
     run_dir: str | Path,
     *,

@@ -7,6 +7,7 @@ model all live here. Stages ask for a :class:`Backbone` and hand its parts to a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import torch
 
 from align.artifacts import atomic_dir
 from align.cache import cache_root
-from align.config import AdapterKind, Device, DType
+from align.config import AdapterKind, Autocast, Device, DType
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,14 @@ class Runtime:
     device: str  # "cuda" | "cpu"
     dtype: torch.dtype  # weights/compute dtype of the (non-quantized) base
     gradient_checkpointing: bool
+    autocast_dtype: torch.dtype | None = None  # bf16 mixed precision over ``dtype`` weights
 
     @property
     def bf16(self) -> bool:
-        return self.device == "cuda" and self.dtype == torch.bfloat16
+        """Whether the trainers compute in bf16: bf16 weights on CUDA, or bf16 autocast."""
+        return (
+            self.device == "cuda" and self.dtype == torch.bfloat16
+        ) or self.autocast_dtype == torch.bfloat16
 
     @property
     def fp16(self) -> bool:
@@ -80,6 +85,20 @@ class Runtime:
             "fp16": self.fp16,
             "gradient_checkpointing": self.gradient_checkpointing,
         }
+
+    def autocast(self):
+        """The autocast context for hand-written loops (PPO, eval); a no-op without autocast."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.autocast_dtype)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def detect_runtime(cfg: Any) -> Runtime:
@@ -100,8 +119,25 @@ def detect_runtime(cfg: Any) -> Runtime:
             raise AlignError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16")
     gc = cfg.train.gradient_checkpointing
     return Runtime(
-        device=device, dtype=dtype, gradient_checkpointing=(device == "cuda") if gc is None else gc
+        device=device,
+        dtype=dtype,
+        gradient_checkpointing=(device == "cuda") if gc is None else gc,
+        autocast_dtype=_autocast_dtype(cfg.train.autocast, device, dtype),
     )
+
+
+def _autocast_dtype(want: Any, device: str, dtype: torch.dtype) -> torch.dtype | None:
+    """bf16 autocast only over fp32 weights (bf16/fp16 weights already compute in half precision)."""
+    if want == Autocast.none or dtype != torch.float32:
+        return None
+    if want == Autocast.bf16:
+        if device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise AlignError(
+                "train.autocast=bf16 but this GPU does not support bf16; use train.autocast=none"
+            )
+        return torch.bfloat16
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_computes_bf16()
+    return torch.bfloat16 if native else None
 
 
 # --------------------------------------------------------------------------- model path

@@ -37,6 +37,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Autocast(str, Enum):
+    auto = "auto"  # bf16 where the hardware computes it natively (CPU: AVX512-BF16/AMX; CUDA: fp32 weights)
+    bf16 = "bf16"  # bf16 autocast over fp32 weights even where it is emulated (slow, for checks)
+    none = "none"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -123,6 +129,7 @@ class TrainConfig:
     logging_steps: int = 5
     eval_steps: int = 0  # 0: evaluate once, at the end
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    autocast: Autocast = Autocast.auto  # bf16 mixed precision over fp32 weights (see README)
     group_by_length: bool = True  # batch rows of similar length together (less padding)
     packing: bool = False  # SFT only: padding-free best-fit packing
     completion_only_loss: bool = True  # SFT only: loss on the response tokens only

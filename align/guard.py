@@ -25,6 +25,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from align.artifacts import write_json_atomic
 from align.errors import AlignError
 from align.runs import Interrupted, last_checkpoint, main_process
 
@@ -163,6 +164,8 @@ def train(ctx: Any, trainer: Any) -> None:
                 break
     if guard.skipped:
         trainer.state.log_history.append({"skipped_nonfinite_steps": len(guard.skipped), "step": step})
+    if trainer.is_world_process_zero():  # every logged step; metrics.json keeps only the last values
+        write_json_atomic(ctx.run_dir / "log_history.json", trainer.state.log_history)
     resume = f"python -m align stage={ctx.cfg.stage} resume={ctx.run_dir}"
     if guard.bad_step is not None:
         ckpt = last_checkpoint(ctx.run_dir)

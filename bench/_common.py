@@ -40,3 +40,16 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in columns))
+
+
+def compose(overrides: list[str]):
+    """The align config for ``overrides``, composed in-process as ``python -m align`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from align.__main__ import config_dir
+    from align.config import register
+
+    register()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides)

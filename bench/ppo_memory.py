@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import REPO, compose
 
 
 def rss_mb() -> float:
@@ -35,18 +35,6 @@ def peak_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from align.__main__ import config_dir
-    from align.config import register
-
-    register()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def make_reward_adapter(overrides: list[str], out: Path) -> None:
@@ -93,7 +81,7 @@ def child(args: argparse.Namespace) -> None:
     tokenizer = backbone.load_tokenizer(path, cfg.model)
     models = ppo.build_models(cfg, path, rt, reward_dir=args.reward)
     rows = [dict(r) for r in data.load(cfg.data, "prompt", seed=0, needed_train_rows=64).train]
-    trainer = ppo.PPOTrainer(cfg, models, tokenizer, rt.device)
+    trainer = ppo.PPOTrainer(cfg, models, tokenizer, rt.device, autocast_dtype=rt.autocast_dtype)
     history = trainer.train(rows, seed=0)
     timed = history[1:] or history
     print(
@@ -132,7 +120,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; sys.path.insert(0, sys.argv[1]); "
+                "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
                 "import json; from bench.ppo_memory import make_reward_adapter; from pathlib import Path; "
                 "make_reward_adapter(json.loads(sys.argv[2]), Path(sys.argv[3]))",
                 str(REPO),

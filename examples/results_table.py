@@ -2,6 +2,7 @@
 each trained for a fixed budget and then evaluated by stage=eval on the same held-out data.
 
     .venv/bin/python examples/results_table.py --minutes 10          # hours of CPU in all
+    .venv/bin/python examples/results_table.py --steps sft=60,dpo=40,rm=30,ppo=5,grpo=24
     .venv/bin/python examples/results_table.py --smoke               # 1-2 steps each, data=tiny
 
 Every step shells out to ``python -m align ...`` (the same commands a user types), into
@@ -47,7 +48,16 @@ def stage_exists(stage: str) -> bool:
 
 
 def align(args: list[str], run_dir: Path, log: Path) -> float:
-    """Run ``python -m align <args>`` into ``run_dir``; returns its wall time in seconds."""
+    """Run ``python -m align <args>`` into ``run_dir``; returns its wall time in seconds.
+
+    A run dir that already holds a finished run (artifact.json, written last) is reused, so an
+    interrupted table continues where it stopped when given the same ``--out``."""
+    done = run_dir / "artifact.json"
+    if done.is_file():
+        wall = json.loads(done.read_text()).get("metrics", {}).get("time/wall_s")
+        if wall is not None:
+            print(f"  reusing {run_dir} ({wall / 60:.1f} min)", flush=True)
+            return float(wall)
     cmd = [PY, "-m", "align", *args, f"hydra.run.dir={run_dir}"]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()
@@ -62,8 +72,10 @@ def align(args: list[str], run_dir: Path, log: Path) -> float:
 
 def steps_for(stage: str, common: list[str], opts, out: Path, log: Path) -> int:
     """Training steps that fit ``--minutes``: time a 1-step and a probe run of the stage."""
-    if opts.steps:
-        return opts.steps
+    if stage in opts.steps:
+        return opts.steps[stage]
+    if "*" in opts.steps:
+        return opts.steps["*"]
     if stage == "sft" and "sft" in opts._cache:
         return opts._cache["sft"]
     extra = {"ppo": ["ppo.reward=judge:ifeval"]}.get(stage, [])
@@ -81,11 +93,21 @@ def steps_for(stage: str, common: list[str], opts, out: Path, log: Path) -> int:
     return steps
 
 
+def parse_steps(text: str) -> dict[str, int]:
+    """``60`` -> every stage 60 steps; ``sft=60,dpo=40`` -> those stages (others are probed)."""
+    if "=" not in text:
+        return {"*": int(text)}
+    return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per stage of each method")
     ap.add_argument(
-        "--steps", type=int, default=0, help="fix train.max_steps for every stage (skips probing)"
+        "--steps",
+        type=parse_steps,
+        default={},
+        help="fix train.max_steps (skips probing): N for every stage, or per stage: sft=60,dpo=40,ppo=5",
     )
     ap.add_argument("--probe-steps", type=int, default=2)
     ap.add_argument(
@@ -105,7 +127,7 @@ def main() -> None:
     train_extra: dict[str, list[str]] = {}
     evaluate = ["eval.baseline=none"]
     if opts.smoke:
-        opts.steps = opts.steps or 2
+        opts.steps = opts.steps or {"*": 2}
         evaluate += ["eval.max_prompts=4", "eval.max_pairs=8", "eval.max_new_tokens=16"]
         train_extra = {
             "sft": ["data=tiny"],
@@ -156,11 +178,20 @@ def main() -> None:
     print(f"(written to {out / 'results.md'})")
 
 
+def budget(opts) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in opts.steps.items() if k != "*")
+    if "*" in opts.steps:
+        return f"{opts.steps['*']} training steps per stage" + (f" ({fixed})" if fixed else "")
+    if fixed:
+        return f"training steps per stage: {fixed} (others sized to {opts.minutes:g} min)"
+    return f"{opts.minutes:g} min training budget per stage"
+
+
 def render(rows: list[dict], opts) -> str:
     head = "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " | train wall time | eval wall time |"
     lines = [
         f"Held-out results ({'SMOKE RUN: data=tiny, 2 steps, 4 prompts; not a result' if opts.smoke else ''}"
-        f"{'' if opts.smoke else f'{opts.minutes:g} min training budget per stage'}; "
+        f"{'' if opts.smoke else budget(opts)}; "
         "strict judges on reward_data/prompts_test.jsonl, preference accuracy on pairs_test.jsonl)",
         "",
         head,

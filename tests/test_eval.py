@@ -222,6 +222,11 @@ def test_train_eval_at_end_writes_the_report_into_the_training_run(tiny_model, t
     assert report["model"]["stage"] == "sft" and report["data"]["prompt_rows"] == 2
     assert (tmp_path / "sft" / "report.md").is_file()
     assert m["eval/ifeval/prompts"] == 2 and m["eval/pref/pairs"] == 4 and "train/loss" in m
+    # the run's own records hold the report's numbers too, not only the return value
+    for name in ("metrics.json", "artifact.json"):
+        saved = json.loads((tmp_path / "sft" / name).read_text())
+        saved = saved["metrics"] if name == "artifact.json" else saved
+        assert saved["eval/ifeval/prompts"] == 2 and "train/loss" in saved, name
 
 
 def test_eval_refuses_a_reward_model_run_and_bad_keys(tiny_model, tmp_path):

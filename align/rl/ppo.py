@@ -121,6 +121,8 @@ def build_models(cfg: Any, path: str, rt: Any, *, policy_dir=None, reward_dir=No
     value_head = ScalarHead(hidden, score_weight if value_init else None).to(rt.device)
     for m in {id(m): m for m in models.values()}.values():
         _no_dropout(m)
+        if rt.gradient_checkpointing:  # recompute activations in backward: less memory, ~1/3 more compute
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(m, "base_model") and hasattr(m, "peft_config"):
             m.base_model.set_adapter(
                 ADAPTER["policy"] if "default" in m.peft_config else next(iter(m.peft_config)),
@@ -204,6 +206,7 @@ class PPOTrainer:
         device: str,
         reward_fn: Callable[..., Any] | None = None,
         dist: Dist | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ):
         from transformers import get_scheduler
 
@@ -211,6 +214,7 @@ class PPOTrainer:
         self.step, self.skipped_updates = 0, 0
         self.models, self.tokenizer, self.device = models, tokenizer, device
         self.reward_fn = reward_fn
+        self.autocast_dtype = autocast_dtype  # bf16 mixed precision (Runtime.autocast_dtype)
         if reward_fn is None and models.score_head is None:
             raise AlignError("PPO needs a reward: a reward adapter (ppo.reward=<rm run dir>) or a judge")
         self.dist = dist or Dist.current()
@@ -225,6 +229,12 @@ class PPOTrainer:
     def rollout_size(self) -> int:
         """Prompts per PPO step on this process."""
         return self.t.batch_size * self.t.grad_accum * self.p.num_mini_batches
+
+    def autocast(self):
+        """Every forward pass (rollout and update alike, so the PPO ratio starts at 1) under it."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
 
     def _chunks(self, n: int) -> list[torch.Tensor]:
         return list(torch.arange(n).split(self.t.batch_size))
@@ -258,6 +268,10 @@ class PPOTrainer:
 
     @torch.no_grad()
     def make_batch(self, rows: list[dict[str, Any]]) -> Batch:
+        with self.autocast():
+            return self._make_batch(rows)
+
+    def _make_batch(self, rows: list[dict[str, Any]]) -> Batch:
         p = self.p
         prompts = [r["prompt"] for r in rows]
         with self.models.active("policy") as model:
@@ -321,7 +335,10 @@ class PPOTrainer:
                     sel = b.ro.select(idx)
                     w = sel["width"]
                     mask = b.ro.mask[idx, :w]
-                    with self.models.active("policy") as model:
+                    # policy and value are separate parameters: two backward passes give the
+                    # gradients of (pg + vf_coef * vf) with one graph alive at a time (half the
+                    # activation memory of building both before a joint backward)
+                    with self.models.active("policy") as model, self.autocast():
                         new_lp, ent = rollout.token_logprobs(
                             model,
                             sel["input_ids"],
@@ -330,17 +347,17 @@ class PPOTrainer:
                             p.temperature,
                             with_entropy=True,
                         )
-                    with self.models.active("value") as model:
+                        pg, s = losses.policy_loss(
+                            new_lp, b.logprobs[idx, :w], b.advantages[idx, :w], mask, p.cliprange
+                        )
+                    (pg / len(micro)).backward()
+                    with self.models.active("value") as model, self.autocast():
                         hidden = rollout.hidden_states(model, sel["input_ids"], sel["attention_mask"])
                         vpred = rollout.completion_values(self.models.value_head, hidden, w).float()
-                    pg, s = losses.policy_loss(
-                        new_lp, b.logprobs[idx, :w], b.advantages[idx, :w], mask, p.cliprange
-                    )
-                    vf, vclip = losses.value_loss(
-                        vpred, b.values[idx, :w], b.returns[idx, :w], mask, p.cliprange_value
-                    )
-                    loss = (pg + p.vf_coef * vf) / len(micro)
-                    loss.backward()
+                        vf, vclip = losses.value_loss(
+                            vpred, b.values[idx, :w], b.returns[idx, :w], mask, p.cliprange_value
+                        )
+                    (p.vf_coef * vf / len(micro)).backward()
                     stats["pg"].append(pg.item())
                     stats["vf"].append(vf.item())
                     stats["clip"].append(s["clipfrac"].item())

@@ -38,14 +38,18 @@ def _eval_at_end(ctx: Any, metrics: dict[str, float]) -> dict[str, float]:
     import gc
     import logging
 
-    from align import evaluation
+    from align import artifacts, evaluation
+    from align.tracking import is_main_process
 
     if ctx.cfg.stage not in evaluation.POLICY_STAGES:
         logging.getLogger(__name__).info(
             "train.eval_at_end: stage=%s has no policy to evaluate", ctx.cfg.stage
         )
         return metrics
+    if not is_main_process():  # under accelerate launch the main process evaluates, once
+        return metrics
     gc.collect()
     report = evaluation.run(ctx.cfg, ctx.run_dir, ctx.tracker, model_spec=str(ctx.run_dir))
+    artifacts.add_metrics(ctx.run_dir, report["flat"])
     print(f"  report   {ctx.run_dir / evaluation.REPORT_MD}", flush=True)
     return metrics | report["flat"]

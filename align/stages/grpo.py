@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from align import artifacts, backbone, guard, rewards, training
-from align.tracking import is_main_process
 from align.training import StageContext
 
 HEADLINE = [
@@ -77,8 +76,6 @@ def run_online(
         peft_config=bb.peft_config,
     )
     guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
-    if is_main_process():  # every logged step (rewards, KL, lengths); metrics.json keeps the last values
-        artifacts.write_json_atomic(ctx.run_dir / "log_history.json", trainer.state.log_history)
     metrics = training.train_metrics(trainer)
     first = next((e["reward"] for e in trainer.state.log_history if "reward" in e), None)
     if first is not None:

@@ -52,11 +52,15 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     device = rt.device if rt.device == "cpu" else f"cuda:{torch.cuda.current_device()}"
     torch.manual_seed(cfg.seed + dist.rank)
-    trainer = ppo.PPOTrainer(cfg, models, tokenizer, device, reward_fn=reward_fn, dist=dist)
+    trainer = ppo.PPOTrainer(
+        cfg, models, tokenizer, device, reward_fn=reward_fn, dist=dist, autocast_dtype=rt.autocast_dtype
+    )
     rows = _fitting_prompts(split.train, tokenizer, cfg)
     ckpt = guard.PPOCheckpoint(ctx)  # train.save_steps checkpoints, SIGTERM/SIGINT save+stop, resume
     with ckpt.guard.signals():
         history = trainer.train(rows, tracker=ctx.tracker, seed=cfg.seed, checkpoint=ckpt)
+    if dist.rank == 0:  # every step's metrics (the reward curve); metrics.json keeps the last values
+        artifacts.write_json_atomic(ctx.run_dir / "log_history.json", history)
     ckpt.raise_if_stopped()
 
     metrics = {k: v for k, v in history[-1].items()}
