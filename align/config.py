@@ -286,7 +286,9 @@ class RLHFStageConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
     sft: TrainConfig = _rlhf_train(lr=2e-4, max_steps=24, batch_size=4, logging_steps=4)
     rm: TrainConfig = _rlhf_train(lr=1e-4, max_steps=24, batch_size=4, logging_steps=4)
-    ppo: TrainConfig = _rlhf_train(lr=2e-5, max_steps=6, batch_size=4, logging_steps=1)
+    ppo: TrainConfig = _rlhf_train(
+        lr=2e-5, max_steps=6, batch_size=4, logging_steps=1, gradient_checkpointing=True
+    )
     # data.train for one sub-stage (each needs its own row kind); None: data.train / data.name
     sft_data: str | None = None
     rm_data: str | None = None
