@@ -118,10 +118,10 @@ def main() -> None:
     print(f"\nMFU, {cfg.model.name} + {cfg.adapter.kind.value} on {where}, compute {compute_dtype}:")
     rows = [
         ("tokens per step", f"{tokens}"),
-        ("counted FLOPs per step (fwd+bwd)", f"{flops / 1e9:.1f} GFLOP"),
+        ("counted FLOPs per step (fwd+bwd)", f"{flops / 1e9:.3g} GFLOP"),
         ("seconds per step (median)", f"{s_step:.3f}"),
         ("tokens/s", f"{tokens / s_step:.1f}"),
-        ("achieved FLOP/s", f"{achieved / 1e9:.1f} GFLOP/s"),
+        ("achieved FLOP/s", f"{achieved / 1e9:.3g} GFLOP/s"),
         (f"matmul {n}x{n} FLOP/s (peak)", f"{peak / 1e9:.1f} GFLOP/s"),
         (
             "6 x params x tokens / s (full-FT convention)",
@@ -131,6 +131,7 @@ def main() -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    print(f"flops_per_step: {flops}")
     print(f"mfu: {achieved / peak:.3f}")
 
 
