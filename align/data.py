@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -192,7 +193,13 @@ def preference_row(row: Row) -> dict[str, Any]:
         )
     if chosen == rejected:
         raise AlignError(f"{row.where}: 'chosen' is identical to 'rejected'; a pair must differ")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if "margin" in row.data:  # stage=rm: how much better chosen is (RewardTrainer's margin loss)
+        margin = row.data["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
+            raise AlignError(f"{row.where}: 'margin' must be a finite number, got {margin!r}")
+        out["margin"] = float(margin)
+    return out
 
 
 def sft_row(row: Row) -> dict[str, Any]:

@@ -105,9 +105,7 @@ def main() -> None:
     s_step = statistics.median(times)
     achieved = flops / s_step
 
-    compute_dtype = rt.autocast_dtype or (torch.bfloat16 if bb.model.dtype == torch.uint8 else rt.dtype)
-    if rt.device == "cpu" and compute_dtype == torch.float16:
-        compute_dtype = torch.float32
+    compute_dtype = rt.autocast_dtype or rt.dtype  # what the step's matmuls run in (qlora: dequantized)
     n = args.matmul_n or (8192 if rt.device == "cuda" else 2048)
     peak = matmul_flops_per_s(rt.device, compute_dtype, n, reps=5)
 

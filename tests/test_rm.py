@@ -57,3 +57,28 @@ def test_rm_config_rejects_ppo_without_reward():
         validate(compose("stage=ppo"))
     with pytest.raises(AlignError, match="ppo.kl_estimator"):
         validate(compose("stage=ppo", "ppo.reward=judge:ifeval", "ppo.kl_estimator=k2"))
+
+
+def test_rm_margin_column_reaches_the_loss_and_a_bad_margin_names_its_row(tiny_model, tmp_path):
+    """RewardTrainer's margin loss is -logsigmoid(r_chosen - r_rejected - margin): with the
+    rewards ~0 at the start, the first loss is ~softplus(margin) (2.13 for 2.0), not ln 2."""
+    import math
+
+    import pytest
+
+    from align.errors import AlignError
+    from align.stages import execute
+
+    rows = [r | {"margin": 2.0} for r in separable_pairs(24, 0)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    overrides = tiny_overrides(tiny_model, f"data.train={train}", "train.max_steps=1", "train.lr=1e-6")
+    metrics = execute(compose("stage=rm", *overrides), tmp_path / "rm")
+    assert metrics["train/first_loss"] == pytest.approx(math.log1p(math.exp(2.0)), abs=0.25)
+    # the same rows feed DPO, which has no margin: the column is ignored there
+    dpo = execute(compose("stage=dpo", *overrides), tmp_path / "dpo")
+    assert dpo["train/first_loss"] == pytest.approx(math.log(2), abs=0.05)
+
+    rows[3]["margin"] = "big"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(AlignError, match=r"bad.jsonl:4: 'margin' must be a finite number"):
+        execute(compose("stage=rm", *tiny_overrides(tiny_model, f"data.train={bad}")), tmp_path / "bad")
