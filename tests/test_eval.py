@@ -246,3 +246,67 @@ def test_eval_refuses_a_reward_model_run_and_bad_keys(tiny_model, tmp_path):
         execute(compose("stage=eval", *tiny_overrides(tiny_model, f"eval.model={fake}")), tmp_path / "e1")
     with pytest.raises(AlignError, match="eval.baseline"):
         execute(compose("stage=eval", *tiny_overrides(tiny_model, "eval.baseline=bogus")), tmp_path / "e2")
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval-rm")
+    train = separable_pairs(d / "train.jsonl", ["water", "bees", "music", "snow", "rain", "stars"], 80, 0)
+    cfg = compose(
+        "stage=rm", *tiny_overrides(tiny_model, f"data.train={train}", "train.max_steps=10", "train.lr=3e-3")
+    )
+    execute(cfg, d / "run")
+    return d / "run"
+
+
+def test_reward_model_run_scores_completions_for_grpo_and_eval(
+    tiny_model, dpo_run, rm_run, tmp_path, monkeypatch
+):
+    """An rm run as a reward: the function GRPO/RLOO get from grpo.reward=<rm dir> prefers the
+    kind of answer it was trained to prefer, and eval.reward=<rm dir> reports its mean score and
+    the win-rate it judges (stub generator: the model answers well, the baseline badly)."""
+    from align import rewards
+
+    cfg = compose("stage=grpo", *tiny_overrides(tiny_model, f"grpo.reward={rm_run}"))
+    (fn,) = rewards.resolve(str(rm_run), cfg, key="grpo.reward")
+    prompt = [{"role": "user", "content": "Tell me about the ocean."}]
+    good = [{"role": "assistant", "content": "good answer about ocean yes"}]
+    bad = [{"role": "assistant", "content": "bad answer about ocean no"}]
+    s_good, s_bad = fn(prompts=[prompt, prompt], completions=[good, bad])
+    assert s_good > s_bad
+
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"id": t, "prompt": f"Tell me about the {t}.", "constraints": [{"type": "lowercase"}]}
+            for t in ("moon", "city")
+        ],
+    )
+    real = evaluation.generate
+
+    def stub(model, tokenizer, prompts, **kw):
+        gens = real(model, tokenizer, prompts, **kw)
+        for g, p in zip(gens, prompts, strict=True):
+            topic = (p if isinstance(p, str) else p[-1]["content"]).split()[-1].rstrip(".")
+            g.text = (
+                f"good answer about {topic} yes"
+                if kw["desc"].endswith("model")
+                else f"bad answer about {topic} no"
+            )
+        return gens
+
+    monkeypatch.setattr(evaluation, "generate", stub)
+    cfg = compose(
+        "stage=eval",
+        *tiny_overrides(
+            tiny_model,
+            f"eval.model={dpo_run[0]}",
+            f"eval.prompts={prompts}",
+            f"eval.reward={rm_run}",
+            "eval.max_pairs=0",
+        ),
+        "eval.max_new_tokens=4",
+    )
+    m = execute(cfg, tmp_path / "eval")
+    assert m["eval/rm/score"] > m["eval/base/rm/score"]
+    assert m["eval/win_rate/rm"] == 1.0
