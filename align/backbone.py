@@ -7,7 +7,6 @@ model all live here. Stages ask for a :class:`Backbone` and hand its parts to a 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -85,12 +84,6 @@ class Runtime:
             "fp16": self.fp16,
             "gradient_checkpointing": self.gradient_checkpointing,
         }
-
-    def autocast(self):
-        """The autocast context for hand-written loops (PPO, eval); a no-op without autocast."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device, dtype=self.autocast_dtype)
 
 
 def cpu_computes_bf16() -> bool:
