@@ -5,10 +5,11 @@
 Three `python -m align stage=sft` runs with the same model (embedded SmolLM2-135M), rows,
 LoRA config, batch size (rows per step), max length, precision, learning rate and steps; only
 the batching differs: padded batches in random order (what a plain TRL script does), padded
-batches of similar-length rows (align's default, `train.group_by_length=true`), and packing. Packed means TRL's best-fit-decreasing packing with
-padding-free batches: whole examples are packed into rows of up to `model.max_length` tokens
-and a batch is one flat sequence whose `position_ids` restart at every example (transformers
-builds the block-diagonal attention mask from them, so examples never see each other).
+batches of similar-length rows (align's default, `train.group_by_length=true`), and packing.
+Packed means TRL's best-fit-decreasing packing with padding-free batches: whole examples are
+packed into rows of up to `model.max_length` tokens and a batch is one flat sequence whose
+`position_ids` restart at every example (transformers builds the block-diagonal attention
+mask from them, so examples never see each other).
 
 tokens/s = real (non-padding) tokens trained on / seconds of the training loop (TRL's
 `num_tokens` and `train_runtime`; model loading, tokenization and evaluation excluded).
@@ -69,7 +70,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument(
-        "overrides", nargs="*", help="align config overrides for both runs, e.g. model.max_length=512"
+        "overrides", nargs="*", help="align config overrides for every run, e.g. model.max_length=512"
     )
     args = ap.parse_args()
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}

@@ -182,9 +182,9 @@ def main() -> None:
 
 
 def budget(opts) -> str:
-    fixed = ", ".join(f"{k}={v}" for k, v in opts.steps.items() if k != "*")
-    if "*" in opts.steps:
-        return f"{opts.steps['*']} training steps per stage" + (f" ({fixed})" if fixed else "")
+    if "*" in opts.steps:  # parse_steps gives either {"*": N} or named stages, never both
+        return f"{opts.steps['*']} training steps per stage"
+    fixed = ", ".join(f"{k}={v}" for k, v in opts.steps.items())
     if fixed:
         probed = {s for _, chain in METHODS for s, _ in chain} - set(opts.steps)
         rest = f" (others sized to {opts.minutes:g} min)" if probed else ""
