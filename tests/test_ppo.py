@@ -176,6 +176,35 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     )
 
 
+def test_training_state_allocated_up_front_steps_like_a_fresh_adamw(tiny_model):
+    """Gradients and AdamW moments exist before the first rollout (so they do not fragment the
+    first update's heap) and the optimizer then steps exactly as AdamW's lazy init would."""
+    from align import backbone
+    from align.rl import ppo
+
+    cfg = ppo_config(tiny_model, "train.lr=1e-2", "train.weight_decay=0.1")
+    rt = backbone.detect_runtime(cfg)
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    models = ppo.build_models(cfg, str(tiny_model), rt)
+    trainer = ppo.PPOTrainer(cfg, models, tok, "cpu", reward_fn=low_token_reward)
+    params = models.trainable
+    assert all(q.grad is not None and not q.grad.any() for q in params)
+    assert all(len(trainer.optimizer.state[q]) == 3 for q in params)
+    clones = [q.detach().clone().requires_grad_(True) for q in params]
+    group = trainer.optimizer.param_groups[0]
+    fresh = torch.optim.AdamW(clones, lr=group["lr"], weight_decay=group["weight_decay"])
+    torch.manual_seed(0)
+    for _ in range(3):
+        for q, c in zip(params, clones, strict=True):
+            g = torch.randn_like(q)
+            q.grad.copy_(g)
+            c.grad = g.clone()
+        trainer.optimizer.step()
+        fresh.step()
+    for q, c in zip(params, clones, strict=True):
+        torch.testing.assert_close(q, c, rtol=0, atol=0)
+
+
 def low_token_reward(prompts, completions, completion_ids, **columns):
     """Fraction of completion tokens among the 64 lowest ids (~1/8 of the tiny vocabulary)."""
     return [sum(1 for t in ids if t < 64) / max(len(ids), 1) for ids in completion_ids]

@@ -224,6 +224,24 @@ class PPOTrainer:
         updates = self.t.max_steps * self.p.ppo_epochs * self.p.num_mini_batches
         warmup = int(self.t.warmup * updates) if self.t.warmup < 1 else int(self.t.warmup)
         self.scheduler = get_scheduler(self.t.lr_scheduler, self.optimizer, warmup, updates)
+        self._allocate_training_state()
+
+    def _allocate_training_state(self) -> None:
+        """Gradients and AdamW moments, allocated once before the first rollout and kept (the
+        gradients zeroed in place, not freed). Allocated lazily inside the first update, these
+        thousands of small long-lived tensors land between that update's short-lived activations
+        and pin the allocator's heap: measured ~300 MB more peak RSS on SmolLM2-135M
+        (bench/ppo_memory.py). A loaded checkpoint's optimizer state replaces the zeros."""
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        for q in params:
+            q.grad = torch.zeros_like(q)
+        # AdamW's own lazy initialisation, done now: step 0, zero first and second moments
+        state = self.optimizer.state_dict()
+        state["state"] = {
+            i: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(q), "exp_avg_sq": torch.zeros_like(q)}
+            for i, q in enumerate(params)
+        }
+        self.optimizer.load_state_dict(state)
 
     @property
     def rollout_size(self) -> int:
@@ -364,10 +382,10 @@ class PPOTrainer:
                     stats["vclip"].append(vclip.item())
                     stats["approxkl"].append(s["approxkl"].item())
                     stats["ratio"].append(s["ratio"].item())
-                    stats["entropy"].append(losses.masked_mean(ent.detach(), mask).item())
+                    stats["entropy"].append(losses.masked_mean(ent, mask).item())
                 self.dist.average_grads(self.models.trainable)
                 if not self._grads_finite():  # train.on_nan: stop, or drop this update
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=False)
                     if self.t.on_nan != "skip":
                         raise AlignError(
                             f"non-finite loss or gradient (NaN/inf) at PPO step {self.step}; stopped "
@@ -379,7 +397,7 @@ class PPOTrainer:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.models.trainable, t.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=False)
         ratios = torch.tensor(stats["ratio"])
         return {
             "loss/policy": sum(stats["pg"]) / len(stats["pg"]),
@@ -451,7 +469,9 @@ class PPOTrainer:
             self.step = step
             batch = self.make_batch(next(stream))
             rollout_s = time.perf_counter() - started
+            backbone.release_host_memory()  # the update starts from what is live, not the rollout's peak
             metrics = self.step_metrics(batch) | self.update(batch)
+            backbone.release_host_memory()
             metrics = self.dist.mean(metrics, self.device)
             self.kl_ctl.update(metrics["objective/kl"], self.rollout_size * self.dist.world)
             metrics |= {

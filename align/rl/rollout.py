@@ -152,7 +152,9 @@ def token_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, width) of the last ``width`` tokens under the model's active adapter, from
-    logits divided by the sampling temperature; only those positions go through the LM head."""
+    logits divided by the sampling temperature; only those positions go through the LM head.
+    The entropy is a statistic, not part of any loss: it is computed outside the autograd graph
+    (in the graph it would keep two more logits-sized tensors alive until backward)."""
     from align.rl.losses import entropy_from_logits
 
     out = model(
@@ -165,7 +167,10 @@ def token_logprobs(
     logits = out.logits[:, :-1].float() / temperature
     targets = input_ids[:, -width:]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
     return logprobs, entropy
 
 
