@@ -56,3 +56,54 @@ def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_resu
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(
+    not ACCELERATE.exists() and not shutil.which("accelerate"), reason="accelerate CLI missing"
+)
+def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_model, tmp_path):
+    """Each rank rolls out its share of prompts, gradients are averaged across ranks, the stage
+    checks that every rank ends with the same weights, and rank 0 alone writes the run."""
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Tell me about rain {i}. Use lowercase only."}],
+            "constraints": [{"type": "lowercase"}],
+        }
+        for i in range(16)
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    root = tmp_path / "outputs"
+    env = dict(os.environ, ALIGN_OUTPUT_ROOT=str(root), WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    args = tiny_overrides(
+        tiny_model,
+        "ppo.reward=judge:ifeval",
+        "ppo.max_new_tokens=12",
+        "ppo.missing_eos_penalty=null",
+        "ppo.temperature=1.0",
+        f"data.train={prompts}",
+        f"data.eval={prompts}",
+        "data.max_eval_rows=4",
+        "train.max_steps=2",
+        "train.lr=1e-2",
+    )
+    cmd = [
+        str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate")),
+        "launch",
+        "--config_file",
+        str(REPO / "conf" / "accelerate" / "cpu.yaml"),
+        "-m",
+        "align",
+        "stage=ppo",
+        *args,
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("align: stage=ppo finished") == 1
+    (run_dir,) = (root / "ppo").iterdir()
+    history = json.loads((run_dir / "log_history.json").read_text())
+    assert len(history) == 2
+    # 2 steps x (batch_size 4 prompts) x 2 ranks
+    assert history[-1]["train/episodes"] == 16
+    assert all(abs(h["objective/kl"]) < 10 for h in history)
+    assert (run_dir / "adapter" / "adapter_config.json").exists()

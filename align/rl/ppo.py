@@ -177,6 +177,22 @@ class Dist:
             td.all_reduce(q.grad)
             q.grad /= self.world
 
+    def check_in_sync(self, params: list[nn.Parameter]) -> None:
+        """Every rank must hold the same trainable weights (they start equal and apply the same
+        averaged gradients); a rank that drifted would save or evaluate a different model."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        total = torch.stack([q.detach().double().sum() for q in params]).sum().to(params[0].device)
+        lo, hi = total.clone(), total.clone()
+        td.all_reduce(lo, op=td.ReduceOp.MIN)
+        td.all_reduce(hi, op=td.ReduceOp.MAX)
+        if not torch.isclose(lo, hi, rtol=1e-9, atol=1e-9):
+            raise AlignError(
+                f"PPO ranks diverged: trainable-weight checksums range from {lo.item()} to {hi.item()}"
+            )
+
 
 # --------------------------------------------------------------------------- one PPO step
 

@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     ckpt = guard.PPOCheckpoint(ctx)  # train.save_steps checkpoints, SIGTERM/SIGINT save+stop, resume
     with ckpt.guard.signals():
         history = trainer.train(rows, tracker=ctx.tracker, seed=cfg.seed, checkpoint=ckpt)
+    dist.check_in_sync(models.trainable)
     if dist.rank == 0:  # every step's metrics (the reward curve); metrics.json keeps the last values
         artifacts.write_json_atomic(ctx.run_dir / "log_history.json", history)
     ckpt.raise_if_stopped()
