@@ -205,6 +205,41 @@ def test_training_state_allocated_up_front_steps_like_a_fresh_adamw(tiny_model):
         torch.testing.assert_close(q, c, rtol=0, atol=0)
 
 
+def test_chunked_logprobs_match_the_models_logits_with_the_same_gradients(tiny_model, monkeypatch):
+    """Log-probs taken LOGPROB_CHUNK tokens at a time through the LM head (recomputed in
+    backward) equal log_softmax of the model's own logits, values, entropy and gradients."""
+    from align import backbone
+    from align.rl import ppo, rollout
+
+    cfg = ppo_config(tiny_model)
+    models = ppo.build_models(cfg, str(tiny_model), backbone.detect_runtime(cfg))
+    monkeypatch.setattr(rollout, "LOGPROB_CHUNK", 5)  # several chunks, one ragged
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking policy adapter, so LoRA gradients are non-trivial
+        for n, q in models.policy.named_parameters():
+            if "lora_B" in n and ".default." in n:
+                q.normal_(0.0, 0.1)
+    ids = torch.randint(3, 200, (3, 14))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded prompt
+    models.policy.train()
+    results = []
+    for fn in (rollout.token_logprobs, rollout._logprobs_from_model_logits):
+        models.policy.zero_grad(set_to_none=True)
+        with models.active("policy") as model:
+            lp, ent = fn(model, ids, mask, 6, 0.7, True)
+        (lp * torch.linspace(-1, 1, 6)).sum().backward()
+        grads = {n: q.grad.clone() for n, q in models.policy.named_parameters() if q.grad is not None}
+        results.append((lp.detach(), ent, grads))
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = results
+    assert lp_a.shape == (3, 6) and not ent_a.requires_grad
+    torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, atol=1e-5, rtol=1e-5)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for n in g_a:
+        torch.testing.assert_close(g_a[n], g_b[n], atol=1e-5, rtol=1e-4)
+
+
 def low_token_reward(prompts, completions, completion_ids, **columns):
     """Fraction of completion tokens among the 64 lowest ids (~1/8 of the tiny vocabulary)."""
     return [sum(1 for t in ids if t < 64) / max(len(ids), 1) for ids in completion_ids]

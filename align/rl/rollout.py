@@ -143,6 +143,12 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+# tokens whose logits exist at once when log-probs are taken: 128 x a 49k vocabulary = 25 MB
+LOGPROB_CHUNK = 128
+# config fields of models whose logits are more than lm_head(hidden) (softcapping, scaling)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
 def token_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -152,9 +158,48 @@ def token_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, width) of the last ``width`` tokens under the model's active adapter, from
-    logits divided by the sampling temperature; only those positions go through the LM head.
-    The entropy is a statistic, not part of any loss: it is computed outside the autograd graph
-    (in the graph it would keep two more logits-sized tensors alive until backward)."""
+    logits divided by the sampling temperature.
+
+    Only those positions go through the LM head, LOGPROB_CHUNK tokens at a time, so full-vocab
+    logits never exist for the whole batch; with autograd on, each chunk is recomputed in
+    backward instead of keeping its log-softmax (B x width x vocab floats) alive until then.
+    The entropy is a statistic, not part of any loss: computed outside the autograd graph."""
+    if any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+        return _logprobs_from_model_logits(model, input_ids, attention_mask, width, temperature, with_entropy)
+    hidden = hidden_states(model, input_ids, attention_mask)[:, -width - 1 : -1]
+    targets = input_ids[:, -width:]
+    head = model.get_output_embeddings()
+    B = hidden.size(0)
+    flat_h, flat_t = hidden.reshape(B * width, -1), targets.reshape(B * width)
+    parts, ents = [], []
+    for h, t in zip(flat_h.split(LOGPROB_CHUNK), flat_t.split(LOGPROB_CHUNK), strict=True):
+        if torch.is_grad_enabled() and h.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            lp, ent = checkpoint(_chunk_logprobs, head, h, t, temperature, with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(head, h, t, temperature, with_entropy)
+        parts.append(lp)
+        ents.append(ent)
+    logprobs = torch.cat(parts).view(B, width)
+    entropy = torch.cat(ents).view(B, width) if with_entropy else None
+    return logprobs, entropy
+
+
+def _chunk_logprobs(head, h, targets, temperature: float, with_entropy: bool):
+    from align.rl.losses import entropy_from_logits
+
+    logits = head(h).float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+    return logprobs, entropy
+
+
+def _logprobs_from_model_logits(model, input_ids, attention_mask, width, temperature, with_entropy):
+    """The model's own logits (its softcapping / scaling applied), all positions at once."""
     from align.rl.losses import entropy_from_logits
 
     out = model(
