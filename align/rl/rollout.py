@@ -187,9 +187,14 @@ def token_logprobs(
 
 
 def _chunk_logprobs(head, h, targets, temperature: float, with_entropy: bool):
+    return _logprobs_of(head(h), targets, temperature, with_entropy)
+
+
+def _logprobs_of(logits, targets, temperature: float, with_entropy: bool):
+    """Log-probs of ``targets`` under softmax(logits / temperature), and its entropy (no grad)."""
     from align.rl.losses import entropy_from_logits
 
-    logits = head(h).float() / temperature
+    logits = logits.float() / temperature
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
@@ -200,8 +205,6 @@ def _chunk_logprobs(head, h, targets, temperature: float, with_entropy: bool):
 
 def _logprobs_from_model_logits(model, input_ids, attention_mask, width, temperature, with_entropy):
     """The model's own logits (its softcapping / scaling applied), all positions at once."""
-    from align.rl.losses import entropy_from_logits
-
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -209,14 +212,7 @@ def _logprobs_from_model_logits(model, input_ids, attention_mask, width, tempera
         logits_to_keep=width + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :-1].float() / temperature
-    targets = input_ids[:, -width:]
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)
-    return logprobs, entropy
+    return _logprobs_of(out.logits[:, :-1], input_ids[:, -width:], temperature, with_entropy)
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
