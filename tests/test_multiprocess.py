@@ -15,17 +15,15 @@ import torch
 from conftest import REPO, tiny_overrides
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-@pytest.mark.skipif(
+needs_accelerate = pytest.mark.skipif(
     not ACCELERATE.exists() and not shutil.which("accelerate"), reason="accelerate CLI missing"
 )
-def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_result(tiny_model, tmp_path):
-    root = tmp_path / "outputs"
+
+
+def launch_two_processes(stage: str, args: list[str], root: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch`` (conf/accelerate/cpu.yaml: 2 processes) of ``python -m align``,
+    with run directories under ``root`` and W&B quiet."""
     env = dict(os.environ, ALIGN_OUTPUT_ROOT=str(root), WANDB_SILENT="true", HF_HUB_OFFLINE="1")
-    args = [
-        a for a in tiny_overrides(tiny_model, "data=tiny", "train.max_steps=3") if a != "tracking=disabled"
-    ]
     cmd = [
         str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate")),
         "launch",
@@ -33,11 +31,19 @@ def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_resu
         str(REPO / "conf" / "accelerate" / "cpu.yaml"),
         "-m",
         "align",
-        "stage=dpo",
+        f"stage={stage}",
         *args,
-        "tracking=offline",
     ]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@needs_accelerate
+def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_result(tiny_model, tmp_path):
+    root = tmp_path / "outputs"
+    args = [
+        a for a in tiny_overrides(tiny_model, "data=tiny", "train.max_steps=3") if a != "tracking=disabled"
+    ]
+    r = launch_two_processes("dpo", [*args, "tracking=offline"], root)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("align: stage=dpo finished") == 1  # rank 0 prints the summary
 
@@ -58,9 +64,7 @@ def test_two_process_dpo_shares_one_run_dir_and_loads_like_a_single_process_resu
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(
-    not ACCELERATE.exists() and not shutil.which("accelerate"), reason="accelerate CLI missing"
-)
+@needs_accelerate
 def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_model, tmp_path):
     """Each rank rolls out its share of prompts, gradients are averaged across ranks, the stage
     checks that every rank ends with the same weights, and rank 0 alone writes the run."""
@@ -74,7 +78,6 @@ def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_mod
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     root = tmp_path / "outputs"
-    env = dict(os.environ, ALIGN_OUTPUT_ROOT=str(root), WANDB_SILENT="true", HF_HUB_OFFLINE="1")
     args = tiny_overrides(
         tiny_model,
         "ppo.reward=judge:ifeval",
@@ -87,17 +90,7 @@ def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_mod
         "train.max_steps=2",
         "train.lr=1e-2",
     )
-    cmd = [
-        str(ACCELERATE if ACCELERATE.exists() else shutil.which("accelerate")),
-        "launch",
-        "--config_file",
-        str(REPO / "conf" / "accelerate" / "cpu.yaml"),
-        "-m",
-        "align",
-        "stage=ppo",
-        *args,
-    ]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = launch_two_processes("ppo", args, root)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count("align: stage=ppo finished") == 1
     (run_dir,) = (root / "ppo").iterdir()
