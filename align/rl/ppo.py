@@ -171,9 +171,7 @@ class Dist:
             return
         import torch.distributed as td
 
-        for q in params:
-            if q.grad is None:
-                q.grad = torch.zeros_like(q)
+        for q in params:  # PPOTrainer allocates every gradient up front and keeps it
             td.all_reduce(q.grad)
             q.grad /= self.world
 
