@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from align import hardware
 from align.errors import AlignError
 
 MANIFEST = "artifact.json"
@@ -155,6 +156,7 @@ def write_manifest(
         "metrics": metrics,
         "tracking": tracking or {},
         "versions": versions(),
+        "hardware": hardware.describe(),
         "git_revision": git_revision(),
         "seed": cfg.seed,
     }

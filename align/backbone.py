@@ -22,6 +22,7 @@ from align.artifacts import atomic_dir
 from align.cache import cache_root
 from align.config import AdapterKind, Autocast, Device, DType
 from align.errors import AlignError
+from align.hardware import cpu_computes_bf16
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,6 @@ class Runtime:
             "fp16": self.fp16,
             "gradient_checkpointing": self.gradient_checkpointing,
         }
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def detect_runtime(cfg: Any) -> Runtime:

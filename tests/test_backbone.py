@@ -12,12 +12,38 @@ from align import backbone
 from align.errors import AlignError
 
 
-def test_cpu_runtime_is_fp32_without_bf16_flags():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cpu_runtime_follows_the_cpus_bf16(monkeypatch, native_bf16):
+    """fp32 weights on CPU always; bf16 autocast on top only where the CPU computes bf16
+    natively. The test sets the hardware answer itself, so it holds on every CPU."""
+    monkeypatch.setattr(backbone, "cpu_computes_bf16", lambda: native_bf16)
     rt = backbone.detect_runtime(compose("device=cpu"))
     assert rt.device == "cpu" and rt.dtype == torch.float32
+    assert rt.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
     kw = rt.trainer_kwargs()
-    assert kw["use_cpu"] is True and kw["bf16"] is False and kw["fp16"] is False
+    assert kw["use_cpu"] is True and kw["bf16"] is native_bf16 and kw["fp16"] is False
     assert kw["gradient_checkpointing"] is False
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_align_cpu_bf16_forces_the_detection(monkeypatch, forced):
+    from align import hardware
+
+    monkeypatch.setenv("ALIGN_CPU_BF16", forced)
+    assert hardware.cpu_computes_bf16() is (forced == "1")
+    rt = backbone.detect_runtime(compose("device=cpu"))
+    assert rt.autocast_dtype == (torch.bfloat16 if forced == "1" else None)
+    info = hardware.describe()
+    assert info["cpu_bf16"] is (forced == "1") and info["cpu_bf16_forced"] is (forced == "1")
+    assert isinstance(info["cpu_bf16_detected"], bool) and isinstance(info["cpu_flags"], list)
+
+
+def test_align_cpu_bf16_bad_value_is_named(monkeypatch):
+    from align import hardware
+
+    monkeypatch.setenv("ALIGN_CPU_BF16", "maybe")
+    with pytest.raises(AlignError, match="ALIGN_CPU_BF16='maybe'"):
+        hardware.cpu_computes_bf16()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

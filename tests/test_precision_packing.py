@@ -64,18 +64,22 @@ def test_sft_packing_trains_on_more_tokens_per_step_and_learns(tiny_model, tmp_p
     assert packed["train/loss"] < packed["train/first_loss"] - 0.7
 
 
-def test_autocast_auto_follows_the_hardware_and_bf16_can_be_forced():
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_autocast_auto_follows_the_hardware_and_can_be_forced_either_way(monkeypatch, native_bf16):
+    monkeypatch.setattr(backbone, "cpu_computes_bf16", lambda: native_bf16)
     cfg = compose("stage=sft", "device=cpu")
     rt = backbone.detect_runtime(cfg)
-    assert rt.autocast_dtype == (torch.bfloat16 if backbone.cpu_computes_bf16() else None)
-    cfg.train.autocast = Autocast.bf16
+    assert rt.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
+    assert rt.trainer_kwargs()["bf16"] is native_bf16
+    cfg.train.autocast = Autocast.bf16  # forced on, emulated where the CPU lacks bf16
     rt = backbone.detect_runtime(cfg)
     assert rt.autocast_dtype == torch.bfloat16 and rt.trainer_kwargs()["bf16"] is True
     cfg.model.dtype = "bfloat16"  # bf16 weights compute in bf16 already: no autocast on top
     assert backbone.detect_runtime(cfg).autocast_dtype is None
     cfg.model.dtype = "float32"
-    cfg.train.autocast = Autocast.none
-    assert backbone.detect_runtime(cfg).autocast_dtype is None
+    cfg.train.autocast = Autocast.none  # forced off, even on a bf16 CPU
+    rt = backbone.detect_runtime(cfg)
+    assert rt.autocast_dtype is None and rt.trainer_kwargs()["bf16"] is False
 
 
 def test_bf16_autocast_loss_curve_matches_fp32(tiny_model, tmp_path):

@@ -169,7 +169,9 @@ def test_cli_sigterm_saves_and_resume_auto_continues_the_same_wandb_run(tiny_mod
     args = [
         "stage=sft",
         *tiny_overrides(
-            tiny_model, "data=tiny", "train.max_steps=12", "train.save_steps=2", "train.batch_size=2"
+            # 40 steps: long enough that the run is still training when SIGTERM arrives after
+            # checkpoint-2 appears, even on a loaded machine (12 finished first on a busy CPU)
+            tiny_model, "data=tiny", "train.max_steps=40", "train.save_steps=2", "train.batch_size=2"
         ),
         "tracking=offline",
     ]
@@ -184,7 +186,7 @@ def test_cli_sigterm_saves_and_resume_auto_continues_the_same_wandb_run(tiny_mod
     )
     deadline = time.time() + 240
     while time.time() < deadline and not list((tmp_path / "outputs").glob("sft/*/checkpoints/checkpoint-2")):
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -212,12 +214,12 @@ def test_cli_sigterm_saves_and_resume_auto_continues_the_same_wandb_run(tiny_mod
         text=True,
         timeout=600,
     )
-    # train.max_steps=12 is what the run has (accepted); save_steps is one of the keys that may change
+    # train.max_steps=40 is what the run has (accepted); save_steps is one of the keys that may change
     assert "align: resume: applying train.save_steps=100" in r.stdout
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming {run_dir.resolve()} from {stopped_at}" in r.stdout
     assert [d.name for d in (tmp_path / "outputs" / "sft").iterdir()] == [run_dir.name]  # no new run dir
-    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 12
+    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 40
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(ids) == 1 and len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
 

@@ -45,6 +45,8 @@ def test_sft_loss_falls_and_artifact_is_complete(sft_run):
     assert manifest["adapter"]["path"] == "adapter" and manifest["metrics"] == metrics
     assert manifest["data"]["train"].endswith("tiny_sft.jsonl")
     assert {"torch", "transformers", "trl", "peft"} <= set(manifest["versions"])
+    hw = manifest["hardware"]  # figures are only comparable with the machine that made them
+    assert hw["cpu"] and isinstance(hw["cpu_flags"], list) and isinstance(hw["cpu_bf16"], bool)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "tokenizer_config.json").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
