@@ -233,7 +233,7 @@ class EvalStageConfig:
     max_prompts: int = 48  # 0: skip generation (judges, KL, length, reward)
     max_pairs: int = 64  # 0: skip preference accuracy
     max_new_tokens: int = 128
-    batch_size: int = 8
+    batch_size: int = 0  # rows per generation / scoring batch; 0: sized by free memory (at most 64)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     samples_to_log: int = 16  # rows of the W&B table / report.md sample section
@@ -448,8 +448,10 @@ def validate_eval(cfg: Any) -> None:
         raise AlignError("eval.max_prompts and eval.max_pairs must be >= 0 (0 skips that part)")
     if e.max_prompts == 0 and e.max_pairs == 0:
         raise AlignError("eval.max_prompts=0 and eval.max_pairs=0: nothing to evaluate")
-    if e.max_new_tokens <= 0 or e.batch_size <= 0:
-        raise AlignError("eval.max_new_tokens and eval.batch_size must be positive")
+    if e.max_new_tokens <= 0:
+        raise AlignError("eval.max_new_tokens must be positive")
+    if e.batch_size < 0:
+        raise AlignError("eval.batch_size must be positive, or 0 (sized by free memory)")
     if e.temperature < 0:
         raise AlignError(f"eval.temperature={e.temperature} must be >= 0 (0: greedy)")
     if not 0 < e.top_p <= 1:

@@ -160,19 +160,13 @@ class Generation:
     ids: list[int] = field(default_factory=list)  # generated ids, up to and including the stop token
     n_tokens: int = 0  # generated tokens before the stop token
     truncated: bool = False  # hit eval.max_new_tokens without a stop token
+    logprobs: list[float] | None = None  # greedy: the model's log-prob of each of ``ids``
 
 
 def render_prompt(tokenizer, prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
-def stop_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen if isinstance(gen, list) else [gen])
-    return sorted(i for i in ids if i is not None)
 
 
 def generate(
@@ -187,90 +181,43 @@ def generate(
     device: str = "cpu",
     desc: str = "generate",
 ) -> list[Generation]:
-    """One completion per prompt (greedy when ``temperature == 0``): batched with left
-    padding, KV cache on, prompts of similar length batched together."""
-    import torch
-    from tqdm.auto import tqdm
+    """One completion per prompt (greedy when ``temperature == 0``) through align.sampling:
+    adapter merged while sampling, length-sorted batches (``batch_size=0``: sized by memory),
+    finished rows dropped from the batch."""
+    from align import sampling
 
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    stops = stop_ids(tokenizer, model)
-    out: list[Generation | None] = [None] * len(texts)
-    sample = temperature > 0
-    pad = tokenizer.pad_token_id
-    model.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
-                top_k=None,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=pad,
-                use_cache=True,
-            )
-            for row, i in enumerate(idx):
-                new = gen[row, width:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stops), None)
-                body = new if cut is None else new[:cut]
-                out[i] = Generation(
-                    text=tokenizer.decode(body, skip_special_tokens=True).strip(),
-                    prompt_ids=encoded[i],
-                    ids=new if cut is None else new[: cut + 1],
-                    n_tokens=len(body),
-                    truncated=cut is None,
-                )
-    return out  # type: ignore[return-value]
+    encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    done = sampling.sample(
+        model,
+        encoded,
+        sampling.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+        stop=sampling.stop_ids(tokenizer, model),
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        device=device,
+        desc=desc,
+    )
+    return [
+        Generation(
+            text=tokenizer.decode(c.ids[: c.n_tokens], skip_special_tokens=True).strip(),
+            prompt_ids=c.prompt_ids,
+            ids=c.ids,
+            n_tokens=c.n_tokens,
+            truncated=c.truncated,
+            logprobs=c.logprobs,
+        )
+        for c in done
+    ]
 
 
 def token_logps(
     model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int, device: str, desc: str = "log-probs"
 ) -> list[list[float]]:
-    """Per-token log-probs of each completion given its prompt (both given as token ids).
+    """Per-token log-probs of each completion given its prompt (both given as token ids):
+    length-sorted batches, only completion positions through the LM head (chunked)."""
+    from align import sampling
 
-    Left padding puts every completion at the right edge, so the LM head runs on the last
-    ``max completion length + 1`` positions only (``logits_to_keep``)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    out: list[list[float]] = []
-    model.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", leave=False):
-            chunk = pairs[start : start + batch_size]
-            width = max(len(p) + len(c) for p, c in chunk)
-            keep = max(len(c) for _, c in chunk)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (p, c) in enumerate(chunk):
-                ids[row, width - len(p) - len(c) :] = torch.tensor(p + c)
-                mask[row, width - len(p) - len(c) :] = 1
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                logits_to_keep=keep + 1,
-                use_cache=False,
-            ).logits[:, :-1]  # (B, keep, V): predictions of the last `keep` tokens
-            for row, (_, c) in enumerate(chunk):
-                pred = logits[row, keep - len(c) :].float()
-                target = torch.tensor(c, device=pred.device).unsqueeze(-1)
-                lp = pred.gather(-1, target).squeeze(-1) - torch.logsumexp(pred, dim=-1)
-                out.append(lp.tolist())
-    return out
+    return sampling.completion_logprobs(model, pairs, batch_size=batch_size, device=device, desc=desc)
 
 
 def pair_token_ids(tokenizer, prompt: Any, completion: Any, max_length: int) -> tuple[list[int], list[int]]:
@@ -537,8 +484,10 @@ def run(
             results["model"] |= {"kl/token": 0.0, "kl/sequence": 0.0}
         else:
             seqs = [(g.prompt_ids, g.ids) for g in gens["model"] if g.ids]
-            with L.model.active() as m:
-                lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
+            lp_model = [g.logprobs for g in gens["model"] if g.ids]
+            if any(lp is None for lp in lp_model):  # sampled, not greedy: no log-probs from decoding
+                with L.model.active() as m:
+                    lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
             with L.kl_ref.active() as m:
                 lp_ref = token_logps(m, seqs, batch_size=bs, device=L.device)
             results["model"] |= kl_metrics(lp_model, lp_ref)
@@ -551,7 +500,7 @@ def run(
             from align.rewards import RewardModel
 
             t0 = time.time()
-            rm = RewardModel(e.reward, L.cfg, key="eval.reward", batch_size=bs)
+            rm = RewardModel(e.reward, L.cfg, key="eval.reward", batch_size=bs or 8)
             for s in subjects:
                 scores[s.label] = rm([r["prompt"] for r in prompts], [g.text for g in gens[s.label]])
                 results[s.label]["rm/score"] = sum(scores[s.label]) / len(scores[s.label])

@@ -7,6 +7,10 @@ changes from run to run, so every rerun and every job of a sweep recomputes the
 reference pass. Here the key is what the numbers depend on: the reference weights (TRL's
 own hash of the model), the tokenized rows and the maximum length. A ``-m`` sweep over
 ``dpo.beta`` therefore computes the reference log-probs once.
+* GRPO and RLOO sample through align.sampling (adapter merged while sampling, finished rows
+  dropped) instead of ``model.generate``, where TRL would use plain transformers generation
+  with settings align.sampling implements (no vLLM, images, tools, min_p or repetition
+  penalty, no DeepSpeed ZeRO-3).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import tempfile
 
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from trl import DPOTrainer, RewardTrainer
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer, RLOOTrainer
 
 from align.cache import cache_root
 
@@ -101,3 +105,62 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
             torch.save({c: torch.tensor(dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")}, tmp)
             os.replace(tmp, path)
         return dataset
+
+
+class FastSamplingMixin:
+    """TRL's online trainers (GRPO, RLOO) sample with align.sampling where it applies."""
+
+    def _align_sample(self, prompt_ids, images, multimodal_fields) -> list[list[int]] | None:
+        """Completion ids (up to and including the first EOS), or None where TRL's own path
+        must run."""
+        from trl.models import unwrap_model_for_generation
+
+        from align import sampling
+
+        plain = (
+            not self.use_vllm
+            and not getattr(self, "use_transformers_continuous_batching", False)
+            and not images
+            and not multimodal_fields
+            and not getattr(self, "tools", None)
+            and self.min_p is None
+            and self.repetition_penalty == 1.0
+            and not self.args.generation_kwargs
+            and not self.is_deepspeed_enabled
+        )
+        if not plain:
+            return None
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+            done = sampling.sample(
+                model,
+                prompt_ids,
+                sampling.SamplingParams(
+                    max_new_tokens=self.max_completion_length,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    top_k=self.top_k or 0,
+                ),
+                stop=list(self.eos_token_ids),
+                pad_id=self._tokenizer.pad_token_id,
+                device=self.accelerator.device,
+                progress=False,
+            )
+        return [c.ids for c in done]
+
+
+class AlignGRPOTrainer(FastSamplingMixin, GRPOTrainer):
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        ids = self._align_sample(prompt_ids, images, multimodal_fields)
+        if ids is None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        return ids, None
+
+
+class AlignRLOOTrainer(FastSamplingMixin, RLOOTrainer):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        ids = self._align_sample(prompt_ids, images, multimodal_fields)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields) if ids is None else ids

@@ -65,9 +65,25 @@ def _rl(stage: str, tiny_model, prompt_file, *extra: str):
     )
 
 
-def test_grpo_raises_the_reward(tiny_model, prompt_file, target_tokens, tmp_path):
+def count_sampling_calls(monkeypatch) -> list[int]:
+    """GRPO/RLOO sample through align.sampling (not model.generate): count the batches."""
+    from align import sampling
+
+    calls, real = [], sampling.sample
+
+    def counted(model, prompt_ids, *a, **kw):
+        calls.append(len(prompt_ids))
+        return real(model, prompt_ids, *a, **kw)
+
+    monkeypatch.setattr(sampling, "sample", counted)
+    return calls
+
+
+def test_grpo_raises_the_reward(tiny_model, prompt_file, target_tokens, tmp_path, monkeypatch):
+    calls = count_sampling_calls(monkeypatch)
     cfg = _rl("grpo", tiny_model, prompt_file, "train.max_steps=12", "train.lr=2e-2", "grpo.beta=0.0")
     m = execute(cfg, tmp_path / "grpo")
+    assert calls and sum(calls) >= 12 * 16  # every completion of every step
     history = json.loads((tmp_path / "grpo" / "metrics.json").read_text())
     assert history["train/global_step"] == 12
     log = [e for e in _log_history(tmp_path / "grpo") if "reward" in e]
@@ -86,9 +102,13 @@ def _log_history(run_dir):
     return json.loads((run_dir / "log_history.json").read_text())
 
 
-def test_rloo_takes_a_real_step_and_records_the_reward(tiny_model, prompt_file, target_tokens, tmp_path):
+def test_rloo_takes_a_real_step_and_records_the_reward(
+    tiny_model, prompt_file, target_tokens, tmp_path, monkeypatch
+):
+    calls = count_sampling_calls(monkeypatch)
     cfg = _rl("rloo", tiny_model, prompt_file, "train.max_steps=1", "train.lr=1e-2", "train.batch_size=8")
     m = execute(cfg, tmp_path / "rloo")
+    assert sum(calls) == 8
     assert m["train/global_step"] == 1
     assert 0.0 <= m["train/reward"] <= 1.0 and "train/kl" in m  # rloo.beta=0.05: a reference is used
     weights = load_file(tmp_path / "rloo" / "adapter" / "adapter_model.safetensors")

@@ -208,12 +208,12 @@ def test_training_state_allocated_up_front_steps_like_a_fresh_adamw(tiny_model):
 def test_chunked_logprobs_match_the_models_logits_with_the_same_gradients(tiny_model, monkeypatch):
     """Log-probs taken LOGPROB_CHUNK tokens at a time through the LM head (recomputed in
     backward) equal log_softmax of the model's own logits, values, entropy and gradients."""
-    from align import backbone
+    from align import backbone, sampling
     from align.rl import ppo, rollout
 
     cfg = ppo_config(tiny_model)
     models = ppo.build_models(cfg, str(tiny_model), backbone.detect_runtime(cfg))
-    monkeypatch.setattr(rollout, "LOGPROB_CHUNK", 5)  # several chunks, one ragged
+    monkeypatch.setattr(sampling, "LOGPROB_CHUNK", 5)  # several chunks, one ragged
     torch.manual_seed(0)
     with torch.no_grad():  # a trained-looking policy adapter, so LoRA gradients are non-trivial
         for n, q in models.policy.named_parameters():
@@ -351,3 +351,40 @@ def test_non_finite_ppo_update_stops_or_is_skipped(tiny_model, on_nan):
         assert len(history) == 2 and history[-1]["train/skipped_nonfinite_updates"] > 0
     # no NaN reached the weights: every bad update was dropped
     assert all(torch.equal(a, b) for a, b in zip(before, models.trainable, strict=True))
+
+
+def test_fast_rollout_gives_generates_tokens_and_the_first_ratio_is_one(tiny_model):
+    """The rollout through align.sampling (adapter merged, finished rows dropped) samples what
+    model.generate samples (top_k=1 makes both deterministic), and the update's first
+    log-probs equal the rollout's: ratio 1, approx-KL 0."""
+    from align import backbone
+    from align.rl import ppo, rollout
+
+    cfg = ppo_config(tiny_model, "ppo.top_k=1", "train.batch_size=8", "ppo.ppo_epochs=1")
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    torch.manual_seed(0)
+    models = ppo.build_models(cfg, str(tiny_model), backbone.detect_runtime(cfg))
+    with torch.no_grad():  # a trained-looking policy adapter: merging it changes the weights
+        for n, q in models.policy.named_parameters():
+            if "lora_B" in n and ".default." in n:
+                q.normal_(0.0, 0.1)
+    trainer = ppo.PPOTrainer(cfg, models, tok, "cpu", reward_fn=low_token_reward)
+    prompts = [r["prompt"] for r in PROMPTS[:8]]
+    with models.active("policy") as model:
+        model.eval()
+        ro = rollout.generate(model, tok, prompts, cfg.ppo, "cpu", trainer.stop_ids)
+        with torch.no_grad():
+            hf = model.generate(
+                input_ids=ro.prompt_ids,
+                attention_mask=ro.prompt_mask,
+                do_sample=False,
+                max_new_tokens=cfg.ppo.max_new_tokens,
+                eos_token_id=trainer.stop_ids,
+                pad_token_id=tok.pad_token_id,
+            )[:, ro.prompt_ids.size(1) :]
+    C = ro.completion_ids.size(1)
+    assert torch.equal(ro.completion_ids, torch.where(ro.mask.bool(), hf[:, :C], tok.pad_token_id))
+    batch = trainer.make_batch(PROMPTS[:8])
+    stats = trainer.update(batch)
+    assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(stats["policy/approxkl"]) < 1e-9

@@ -171,7 +171,11 @@ def test_cli_sigterm_saves_and_resume_auto_continues_the_same_wandb_run(tiny_mod
         *tiny_overrides(
             # 40 steps: long enough that the run is still training when SIGTERM arrives after
             # checkpoint-2 appears, even on a loaded machine (12 finished first on a busy CPU)
-            tiny_model, "data=tiny", "train.max_steps=40", "train.save_steps=2", "train.batch_size=2"
+            tiny_model,
+            "data=tiny",
+            "train.max_steps=40",
+            "train.save_steps=2",
+            "train.batch_size=2",
         ),
         "tracking=offline",
     ]

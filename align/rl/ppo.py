@@ -519,17 +519,13 @@ class PPOTrainer:
             return {}
         rows = rows[self.dist.rank :: self.dist.world]
         torch.manual_seed(seed)
-        scores, lengths = [], []
-        for i in range(0, len(rows), self.rollout_size):
-            chunk = rows[i : i + self.rollout_size]
-            with self.models.active(role) as model:
-                model.eval()
-                ro = rollout.generate(
-                    model, self.tokenizer, [r["prompt"] for r in chunk], self.p, self.device, self.stop_ids
-                )
-            ro.columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
-            scores.append(self.score(ro))
-            lengths.append(ro.mask.sum(1))
+        with self.models.active(role) as model:
+            model.eval()
+            ro = rollout.generate(
+                model, self.tokenizer, [r["prompt"] for r in rows], self.p, self.device, self.stop_ids
+            )
+        ro.columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        scores, lengths = [self.score(ro)], [ro.mask.sum(1)]
         out = {
             "score": torch.cat(scores).mean().item(),
             "completion_length": torch.cat(lengths).mean().item(),

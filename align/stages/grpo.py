@@ -23,11 +23,13 @@ HEADLINE = [
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    from align.trainers import AlignGRPOTrainer
 
     g = ctx.cfg.grpo
     return run_online(
-        ctx, GRPOTrainer, GRPOConfig, {"loss_type": g.loss_type, "scale_rewards": g.scale_rewards}
+        ctx, AlignGRPOTrainer, GRPOConfig, {"loss_type": g.loss_type, "scale_rewards": g.scale_rewards}
     )
 
 

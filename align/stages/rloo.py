@@ -9,8 +9,10 @@ from align.training import StageContext
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import RLOOConfig
+
+    from align.trainers import AlignRLOOTrainer
 
     return run_online(
-        ctx, RLOOTrainer, RLOOConfig, {"normalize_advantages": ctx.cfg.rloo.normalize_advantages}
+        ctx, AlignRLOOTrainer, RLOOConfig, {"normalize_advantages": ctx.cfg.rloo.normalize_advantages}
     )

@@ -1,0 +1,183 @@
+"""align.sampling: the one generation path (eval, PPO rollouts) must give transformers'
+greedy tokens, leave the base weights bit-identical, drop finished rows without changing the
+others, and size its batches within a cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align import sampling
+
+PROMPTS = [
+    "hello the water",
+    "a",
+    "bees and honey in the river of history and the ocean forest",
+    "the city light sound",
+    "x y z",
+    "music science rain clouds sun moon stars earth wind",
+]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model):
+    """The tiny Llama with a trained-looking LoRA adapter (random B, so merging changes W)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0.0, 0.2)
+    model.eval()
+    return model, tok
+
+
+def encode(tok, prompts=PROMPTS):
+    return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new: int, stop: list[int], pad: int) -> list[list[int]]:
+    """transformers' model.generate on one left-padded batch: rows that finished keep padding
+    along until the last one does (the path align.sampling replaces)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=stop,
+            pad_token_id=pad,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+        )
+    rows = []
+    for row in out[:, width:].tolist():
+        cut = next((k for k, t in enumerate(row) if t in stop), None)
+        rows.append(row if cut is None else row[: cut + 1])
+    return rows
+
+
+def frequent_tokens(model, tok, n: int) -> list[int]:
+    """Tokens the model emits often: used as stop ids so that rows finish at different steps."""
+    done = sampling.sample(
+        model, encode(tok), sampling.SamplingParams(max_new_tokens=12), stop=[-1], pad_id=tok.pad_token_id
+    )
+    counts: dict[int, int] = {}
+    for c in done:
+        for t in c.ids[1:]:
+            counts[t] = counts.get(t, 0) + 1
+    return sorted(counts, key=counts.get, reverse=True)[:n]
+
+
+def test_greedy_tokens_equal_transformers_generate_and_rows_finish_independently(lora_model):
+    model, tok = lora_model
+    stop = frequent_tokens(model, tok, 2)
+    prompts = encode(tok)
+    want = hf_greedy(model, prompts, 16, stop, tok.pad_token_id)
+    lengths = {len(w) for w in want}
+    assert len(lengths) > 1  # rows stop at different steps: the early ones leave the batch
+    for merge in (True, False):
+        got = sampling.sample(
+            model,
+            prompts,
+            sampling.SamplingParams(max_new_tokens=16),
+            stop=stop,
+            pad_id=tok.pad_token_id,
+            batch_size=len(prompts),
+            merge=merge,
+        )
+        assert [c.ids for c in got] == want, f"merge={merge}"
+        for c in got:
+            assert c.truncated == (c.ids[-1] not in stop)
+            assert c.n_tokens == len(c.ids) - (0 if c.truncated else 1)
+    # and row by row: a row's tokens do not depend on its batch-mates
+    alone = [
+        sampling.sample(
+            model, [p], sampling.SamplingParams(max_new_tokens=16), stop=stop, pad_id=tok.pad_token_id
+        )[0].ids
+        for p in prompts
+    ]
+    assert alone == want
+
+
+def test_merging_for_sampling_leaves_the_base_bit_identical(lora_model):
+    model, tok = lora_model
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    x = torch.tensor([encode(tok)[2]])
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+    with sampling.merged_adapter(model) as merged:
+        assert merged
+        assert all(layer.merged for layer in sampling._lora_layers(model))
+        with torch.no_grad():
+            inside = model(input_ids=x).logits
+    torch.testing.assert_close(inside, unmerged, atol=1e-5, rtol=1e-5)  # same function
+    for n, q in model.named_parameters():
+        assert torch.equal(q, before[n]), n  # bit-identical, not merely close
+    assert not any(layer.merged for layer in sampling._lora_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, unmerged)
+    with model.disable_adapter(), sampling.merged_adapter(model) as merged:
+        assert not merged  # nothing to merge: the base alone
+
+
+def test_merge_is_skipped_when_the_copy_does_not_fit(lora_model, monkeypatch):
+    model, _ = lora_model
+    monkeypatch.setattr(sampling, "available_memory", lambda device: 1)
+    with sampling.merged_adapter(model) as merged:
+        assert not merged
+        assert not any(layer.merged for layer in sampling._lora_layers(model))
+
+
+def test_decoding_logprobs_equal_a_forward_pass(lora_model):
+    model, tok = lora_model
+    done = sampling.sample(
+        model, encode(tok), sampling.SamplingParams(max_new_tokens=10), stop=[-1], pad_id=tok.pad_token_id
+    )
+    forward = sampling.completion_logprobs(model, [(c.prompt_ids, c.ids) for c in done], batch_size=4)
+    for c, lp in zip(done, forward, strict=True):
+        assert len(c.logprobs) == len(lp) == len(c.ids) == 10
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(lp), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(lora_model):
+    model, tok = lora_model
+    prompts = encode(tok)
+    hot = sampling.SamplingParams(max_new_tokens=10, temperature=1.5)
+
+    def draw(params, seed):
+        torch.manual_seed(seed)
+        return [c.ids for c in sampling.sample(model, prompts, params, stop=[-1], pad_id=tok.pad_token_id)]
+
+    assert draw(hot, 3) == draw(hot, 3)
+    assert draw(hot, 3) != draw(hot, 4)
+    greedy = draw(sampling.SamplingParams(max_new_tokens=10), 0)
+    assert draw(sampling.SamplingParams(max_new_tokens=10, temperature=0.7, top_k=1), 5) == greedy
+
+
+def test_memory_sized_batch_stays_within_the_cap(lora_model, monkeypatch):
+    model, _ = lora_model
+    row = sampling.bytes_per_row(model, 200)
+    assert row > 0
+    monkeypatch.setattr(sampling, "available_memory", lambda device: 10**15)
+    assert sampling.auto_batch_size(model, 200) == sampling.MAX_BATCH
+    assert sampling.auto_batch_size(model, 200, cap=5) == 5
+    monkeypatch.setattr(sampling, "available_memory", lambda device: 0)
+    assert sampling.auto_batch_size(model, 200) == 1
+    monkeypatch.setattr(sampling, "available_memory", lambda device: int(7.5 * row / sampling.MEMORY_SHARE))
+    assert sampling.auto_batch_size(model, 200) == 7
+    # longer sequences need more memory a row: never a larger batch
+    assert sampling.auto_batch_size(model, 2000) <= 7
