@@ -185,6 +185,14 @@ class _DuplicateKey(ValueError):
     pass
 
 
+class _ItemError(ValueError):
+    """A problem inside one item of a JSON array, with the line the item starts on."""
+
+    def __init__(self, cause: Exception, line: int):
+        super().__init__(str(cause))
+        self.cause, self.line = cause, line
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -203,6 +211,8 @@ def _json_error(e: Exception, name: str, line: int | None) -> AlignError:
     if isinstance(e, json.JSONDecodeError):
         at = e.lineno if line is None else line
         return AlignError(f"{name}:{at}: invalid JSON ({e.msg} at column {e.colno})")
+    if isinstance(e, _ItemError):
+        e, line = e.cause, e.line
     at = f"{name}:{line}" if line is not None else name
     if isinstance(e, _DuplicateKey):
         return AlignError(f"{at}: key {e.args[0]!r} appears twice in one object; keep one")
@@ -279,8 +289,8 @@ def _array_items(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
     while True:
         try:
             item, end = _DECODER.raw_decode(text, pos)
-        except _DuplicateKey as e:  # name the line of the object that holds the key twice
-            raise json.JSONDecodeError(f"key {e.args[0]!r} appears twice in one object", text, pos) from None
+        except (_DuplicateKey, RecursionError) as e:  # name the line where the item starts
+            raise _ItemError(e, text.count("\n", 0, pos) + 1) from None
         items.append((pos, item))
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):
@@ -350,16 +360,17 @@ def _parquet_rows(raw: bytes, name: str) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(raw))
-        columns = table.column_names
-        if len(set(columns)) != len(columns):
-            dup = next(c for c in columns if columns.count(c) > 1)
-            raise AlignError(f"{name}: column {dup!r} appears twice; keep one")
-        records = table.to_pylist()
+        pf = pq.ParquetFile(pa.BufferReader(raw))
+        columns = pf.schema_arrow.names
+        dup = next((c for c in columns if columns.count(c) > 1), None)
+        if dup is None:
+            records = pf.read().to_pylist()
     except (pa.ArrowException, OSError, ValueError, TypeError) as e:
         raise AlignError(
             f"{name}: not a readable Parquet file ({type(e).__name__}: {_first_line(e)}); is it complete?"
         ) from None
+    if dup is not None:
+        raise AlignError(f"{name}: column {dup!r} appears twice; keep one")
     return [Row(f"{name}: row {i}", r) for i, r in enumerate(records)]
 
 
@@ -393,9 +404,11 @@ def _text(row: Row, label: str, value: str) -> str:
 
 
 def _text_or_messages(row: Row, key: str, roles: tuple[str, ...] | None = None) -> str | list[dict]:
-    if key not in row.data or row.data[key] is None:
+    if key not in row.data:
         have = ", ".join(sorted(map(str, row.data))) or "nothing"
         raise AlignError(f"{row.where}: missing column {key!r} (the row has: {have})")
+    if row.data[key] is None:
+        raise AlignError(f"{row.where}: {key!r} is empty (null)")
     value = row.data[key]
     if isinstance(value, str):
         return _text(row, repr(key), value)
