@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,14 +205,183 @@ def embedded_model_dir(name: str) -> Path:
     return target
 
 
-def resolve_model_path(model_cfg: Any) -> str:
-    """A local directory or hub id that ``from_pretrained`` accepts."""
+def resolve_model_path(model_cfg: Any, adapter_cfg: Any = None) -> str:
+    """A local directory or hub id that ``from_pretrained`` accepts.
+
+    A local directory is checked first (config, weights, tokenizer; not an adapter or an
+    align run), so a wrong path fails in a second with what to do, before anything loads.
+    With ``adapter_cfg``, a quantized checkpoint is also checked against the adapter.
+    """
     name = model_cfg.name_or_path
     if name.startswith(EMBEDDED_PREFIX):
         return str(embedded_model_dir(name[len(EMBEDDED_PREFIX) :]))
-    if os.path.isdir(name) or not os.path.exists(name):
-        return name
-    raise AlignError(f"model.name_or_path={name!r} is a file; give a model directory or a hub id")
+    key = f"model.name_or_path={name}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_dir(path, key, trust_remote_code=bool(getattr(model_cfg, "trust_remote_code", False)))
+        if adapter_cfg is not None:
+            check_quantized(path, adapter_cfg, key)
+        return name if os.path.isdir(name) else str(path)
+    if path.exists():
+        hint = " (the directory that holds it)" if path.suffix in (".safetensors", ".gguf", ".bin") else ""
+        raise AlignError(f"{key} is a file; give a model directory{hint} or a hub id (owner/name)")
+    if not is_hub_id(name):
+        raise AlignError(f"{key}: no such directory, and not a hub id (owner/name)")
+    return name
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hugging Face Hub model id (``owner/name`` or a legacy ``name``)."""
+    return (
+        len(name) <= 96
+        and _HUB_ID.fullmatch(name) is not None
+        and ".." not in name
+        and "--" not in name
+        and not name.endswith(".")
+    )
+
+
+WEIGHT_SUFFIXES = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def _read_json(path: Path, key: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AlignError(f"{key}: cannot read {path.name} ({e}); is the download complete?") from None
+    if not isinstance(obj, dict):
+        raise AlignError(f"{key}: {path.name} is not a JSON object; is the download complete?")
+    return obj
+
+
+def check_model_dir(path: Path, key: str, *, trust_remote_code: bool = False) -> None:
+    """Raise an AlignError saying what ``path`` is and what to do, unless it is a loadable model
+    directory: config.json, safetensors weights (every shard an index lists) and a tokenizer."""
+    files = {p.name for p in path.iterdir()}
+    if "artifact.json" in files:  # an align run directory
+        manifest = _read_json(path / "artifact.json", key)
+        stage = manifest.get("stage", "?")
+        base = (manifest.get("base_model") or {}).get("name_or_path")
+        if stage == "export" and (path / "model").is_dir():
+            raise AlignError(
+                f"{key} is a stage=export run; its merged model is {path / 'model'}: "
+                f"set model.name_or_path={path / 'model'}"
+            )
+        use = f"ppo.reward={path}" if stage == "rm" else f"dpo.init={path} (or ppo.policy=, grpo.init=)"
+        raise AlignError(
+            f"{key} is an align run (stage={stage}), not a base model: set model.name_or_path to its base "
+            f"({base!r}) and use the run with {use}; or merge it into a standalone model with stage=export"
+        )
+    if "adapter_config.json" in files and "config.json" not in files:
+        base = _read_json(path / "adapter_config.json", key).get("base_model_name_or_path")
+        run = path.parent if (path.parent / "artifact.json").is_file() else None
+        start = (
+            f"dpo.init={run} (or ppo.policy=, grpo.init=)"
+            if run
+            else "dpo.init=, ppo.policy= or grpo.init= pointing at the align run that saved it (an adapter "
+            "trained elsewhere must be merged into its base first)"
+        )
+        raise AlignError(
+            f"{key} is a LoRA adapter (adapter_config.json), not a model: set model.name_or_path to the base "
+            f"it was trained on ({base!r}), and start from the adapter with {start}"
+        )
+    has_tokenizer = bool(files.intersection(TOKENIZER_FILES))
+    if "config.json" not in files:
+        gguf = sorted(f for f in files if f.endswith(".gguf"))
+        if gguf:
+            what = f"holds GGUF weights ({gguf[0]}), which transformers cannot train"
+        elif has_tokenizer:
+            what = "holds a tokenizer but no model (no config.json, no weights)"
+        else:
+            what = "is not a model directory (no config.json)"
+        raise AlignError(
+            f"{key} {what}; give a directory with config.json, *.safetensors weights and the tokenizer "
+            "(as save_pretrained writes it), or a hub id (owner/name)"
+        )
+    _read_json(path / "config.json", key)
+    for index in sorted(f for f in files if f.endswith(".safetensors.index.json")):
+        shards = set((_read_json(path / index, key).get("weight_map") or {}).values())
+        missing = sorted(s for s in shards if s not in files)
+        if missing:
+            raise AlignError(
+                f"{key}: {len(missing)} of the {len(shards)} weight files {index} lists are missing "
+                f"(e.g. {missing[0]}); the download is incomplete: download it again"
+            )
+    if not any(f.endswith(WEIGHT_SUFFIXES) for f in files):
+        pickled = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+        if not pickled:
+            raise AlignError(
+                f"{key} has config.json but no weights (*.safetensors); the download is incomplete, or this "
+                "is a config/tokenizer-only directory: give the full model directory"
+            )
+        if not trust_remote_code:
+            raise AlignError(
+                f"{key} has only pickled PyTorch weights ({pickled[0]}); align loads safetensors (loading a "
+                "pickle can run code): convert it once with from_pretrained(dir).save_pretrained(new_dir), "
+                "or download the model's safetensors files"
+            )
+    if not has_tokenizer:
+        raise AlignError(
+            f"{key} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): copy the tokenizer files of "
+            "the model it was made from into it (tokenizer.save_pretrained(dir))"
+        )
+
+
+def check_quantized(path: Path, adapter_cfg: Any, key: str) -> None:
+    """A quantized checkpoint's weights are frozen integers: only an adapter can be trained on them."""
+    config = path / "config.json"
+    if not config.is_file() or adapter_cfg.kind != AdapterKind.none:
+        return
+    quant = _read_json(config, key).get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    raise AlignError(
+        f"{key} is a quantized checkpoint (quantization_config: {method}), and adapter=none (full "
+        "fine-tuning) cannot train quantized weights: use adapter=lora (a LoRA on the frozen quantized "
+        "base), or point model.name_or_path at the unquantized model"
+    )
+
+
+def _load_failure(what: str, path: str, e: Exception) -> AlignError:
+    """A hub library's OSError, said in terms of model.name_or_path and what to do."""
+    key = f"model.name_or_path={path}"
+    text = str(e)
+    if not os.path.isdir(path) and is_hub_id(path):
+        here = f"no directory {path!r} here, and "
+        if "gated" in text.lower():
+            return AlignError(
+                f"{key}: {here}the hub model is gated: accept its terms on huggingface.co/{path} and log in "
+                "(`hf auth login`), or download it elsewhere and set model.name_or_path=<that directory>"
+            )
+        if "valid model identifier" in text or "Repository Not Found" in text or "404" in text:
+            return AlignError(
+                f"{key}: {here}no such model on the Hugging Face Hub (check the spelling; a private model "
+                "needs `hf auth login`)"
+            )
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline or "connect" in text or "offline" in text or "cache" in text:
+            why = (
+                "the hub is off (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face Hub is unreachable"
+            )
+            return AlignError(
+                f"{key}: {here}{why}, with no copy in the local hub cache: on a machine with hub access run "
+                f"`hf download {path} --local-dir <dir>`, copy <dir> here and set model.name_or_path=<dir>"
+            )
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return AlignError(f"cannot load {what} from {key}: {first}")
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -225,7 +395,7 @@ def load_tokenizer(path: str, model_cfg: Any):
             path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
         )
     except OSError as e:
-        raise AlignError(f"cannot load a tokenizer from model.name_or_path={path!r}: {e}") from None
+        raise _load_failure("a tokenizer", path, e) from None
     ensure_chat_template(tok, model_cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -284,6 +454,8 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
     """The frozen base (quantized when the adapter asks for it), on ``rt.device``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if os.path.isdir(path):
+        check_quantized(Path(path), cfg.adapter, f"model.name_or_path={path}")
     quant = quantization_config(cfg.adapter, rt)
     kwargs: dict[str, Any] = dict(
         revision=cfg.model.revision,
@@ -303,7 +475,7 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
     try:
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise AlignError(f"cannot load model.name_or_path={path!r}: {e}") from None
+        raise _load_failure("the model", path, e) from None
     if quant is None:
         model.to(rt.device)
     if task == "seq_cls" and model.config.pad_token_id is None:
@@ -351,7 +523,7 @@ class Backbone:
 
 def tokenizer_for(cfg: Any):
     """The tokenizer a stage's backbone will use (cheap: for checking rows before the model loads)."""
-    return load_tokenizer(resolve_model_path(cfg.model), cfg.model)
+    return load_tokenizer(resolve_model_path(cfg.model, cfg.adapter), cfg.model)
 
 
 def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None) -> Backbone:
@@ -361,7 +533,7 @@ def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None 
     saved adapter is loaded trainable as ``default`` (the trainer then needs no config).
     """
     rt = detect_runtime(cfg)
-    path = resolve_model_path(cfg.model)
+    path = resolve_model_path(cfg.model, cfg.adapter)
     tokenizer = load_tokenizer(path, cfg.model)
     model = load_base_model(path, cfg, rt, task)
     if model.config.pad_token_id is None:

@@ -15,12 +15,18 @@ Accepted row shapes:
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +38,8 @@ from align.errors import AlignError
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+ACCEPTED = ".jsonl/.json/.csv/.parquet, optionally compressed as .gz/.bz2/.xz/.zst"
 
 # (data.name, row kind) -> (train file, held-out file or None) under reward_data/
 SHIPPED = {
@@ -71,58 +79,299 @@ class Split:
 def read_rows(source: str, split: str = "train") -> list[Row]:
     """Raw rows of a file or hub dataset, each tagged with where it came from."""
     path = Path(source).expanduser()
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
+    fmt, _ = file_format(path)
+    if fmt or path.exists() or source.startswith((".", "/", "~")):
+        if path.is_dir():
+            raise AlignError(f"data file {source} is a directory; give a file ({ACCEPTED})")
         if not path.is_file():
-            raise AlignError(
-                f"data file not found: {source} (set data.train=<path to .jsonl/.json/.parquet/.csv>)"
-            )
+            raise AlignError(f"data file not found: {source} (set data.train=<path to {ACCEPTED}>)")
         return _read_file(path)
     return _read_hub(source, split)
 
 
-def _read_file(path: Path) -> list[Row]:
-    suffix = path.suffix.lower()
-    name = str(path)
-    if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise AlignError(f"{name}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise AlignError(f"{name}:{n}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(Row(f"{name}:{n}", obj))
-        return rows
-    if suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise AlignError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise AlignError(f"{name}: expected a JSON array of objects (or {{'data': [...]}})")
-        rows = []
-        for i, item in enumerate(obj):
-            if not isinstance(item, dict):
-                raise AlignError(f"{name}: item {i}: expected a JSON object, got {type(item).__name__}")
-            rows.append(Row(f"{name}: item {i}", item))
-        return rows
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            # line numbers count the header as line 1
-            return [Row(f"{name}:{reader.line_num}", dict(r)) for r in reader]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def file_format(path: str | Path) -> tuple[str | None, str | None]:
+    """(format, compression) suffixes of a data file name: ``pairs.jsonl.gz`` -> (".jsonl", ".gz")."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    fmt = suffixes[-1] if suffixes and suffixes[-1] in FILE_SUFFIXES else None
+    return fmt, compression
 
-        table = pq.read_table(path)
-        return [Row(f"{name}: row {i}", r) for i, r in enumerate(table.to_pylist())]
-    raise AlignError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+def _read_file(path: Path) -> list[Row]:
+    name = str(path)
+    fmt, compression = file_format(path)
+    if fmt is None:
+        got = "".join(path.suffixes[-2:]) or "(none)"
+        raise AlignError(f"{name}: unsupported file type {got!r}; use {ACCEPTED}")
+    raw = _read_bytes(path, compression)
+    if fmt == ".parquet":
+        return _parquet_rows(raw, name)
+    text = _decode(raw, name)
+    if fmt == ".jsonl":
+        return _jsonl_rows(text, name)
+    if fmt == ".json":
+        return _json_rows(text, name)
+    return _csv_rows(text, name)
+
+
+def _read_bytes(path: Path, compression: str | None) -> bytes:
+    """The file's bytes, decompressed."""
+    if compression is None:
+        return path.read_bytes()
+    codec = COMPRESSIONS[compression]
+    try:
+        if compression == ".zst":  # pyarrow (which datasets needs anyway) bundles zstd
+            import pyarrow as pa
+
+            with pa.input_stream(str(path), compression="zstd") as f:
+                return f.read()
+        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[compression]
+        with opener(path, "rb") as f:
+            return f.read()
+    except MemoryError:
+        raise
+    except Exception as e:  # every codec has its own exception types; here they all mean the same
+        raise AlignError(
+            f"{path}: not valid {codec} data ({type(e).__name__}: {_first_line(e)}); the file is truncated, "
+            f"damaged or not {codec}-compressed: download or compress it again"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+# What a file that is not UTF-8 text may really be: (leading bytes, what it is, what to do).
+MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed data", "rename it to {name}.gz"),
+    (b"BZh", "bzip2-compressed data", "rename it to {name}.bz2"),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "rename it to {name}.xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed data", "rename it to {name}.zst"),
+    (b"PAR1", "a Parquet file", "give it the .parquet suffix"),
+    (b"PK\x03\x04", "a ZIP archive (an Excel workbook?)", "export it as CSV (UTF-8) or JSON Lines"),
+)
+
+
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f]")
+_STRUCTURE = re.compile('[{\\["\n,]')  # JSON and CSV text has one of these near its start
+
+
+def _decode(raw: bytes, name: str) -> str:
+    """The text of a data file: UTF-8 (a leading BOM is dropped), or UTF-16 with its BOM."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # e.g. Windows PowerShell's `>`
+        try:
+            text = raw.decode("utf-16")  # the BOM gives the byte order; decoding drops it
+        except UnicodeDecodeError:
+            text = "\x00"
+        if not _CONTROL.search(text) and _STRUCTURE.search(text, 0, 200):
+            return text
+        # not UTF-16 JSON or CSV after all (binary that starts with 0xff 0xfe): say where UTF-8 fails
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+        where = f"{name}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at column {column})"
+        for magic, what, todo in MAGIC:
+            if raw.startswith(magic):
+                raise AlignError(f"{where}: it looks like {what}; {todo.format(name=name)}") from None
+        raise AlignError(f"{where}; re-save it as UTF-8") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _ItemError(ValueError):
+    """A problem inside one item of a JSON array, with the line the item starts on."""
+
+    def __init__(self, cause: Exception, line: int):
+        super().__init__(str(cause))
+        self.cause, self.line = cause, line
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(dup)
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_PLAIN = json.JSONDecoder()
+
+
+def _json_error(e: Exception, name: str, line: int | None) -> AlignError:
+    """An AlignError for what ``_DECODER`` raised, at ``line`` (or the decode error's own line)."""
+    if isinstance(e, json.JSONDecodeError):
+        at = e.lineno if line is None else line
+        return AlignError(f"{name}:{at}: invalid JSON ({e.msg} at column {e.colno})")
+    if isinstance(e, _ItemError):
+        e, line = e.cause, e.line
+    at = f"{name}:{line}" if line is not None else name
+    if isinstance(e, _DuplicateKey):
+        return AlignError(f"{at}: key {e.args[0]!r} appears twice in one object; keep one")
+    if isinstance(e, RecursionError):
+        return AlignError(f"{at}: invalid JSON (nested too deeply)")
+    return AlignError(f"{at}: invalid JSON ({_first_line(e)})")  # e.g. an integer with >4300 digits
+
+
+JSON_ERRORS = (ValueError, RecursionError)  # JSONDecodeError and _DuplicateKey are ValueErrors
+
+
+def _jsonl_rows(text: str, name: str, first_line: int = 1) -> list[Row]:
+    rows = []
+    for n, line in enumerate(io.StringIO(text, newline=None), start=first_line):  # \n, \r\n or \r
+        line = line.removeprefix("\ufeff").removesuffix("\n")  # a BOM: files concatenated with theirs
+        if not line.strip():
+            continue
+        try:
+            obj = _DECODER.decode(line)
+        except JSON_ERRORS as e:
+            raise _json_error(e, name, n) from None
+        if not isinstance(obj, dict):
+            raise AlignError(f"{name}:{n}: expected a JSON object, got {_json_type(obj)}")
+        rows.append(Row(f"{name}:{n}", obj))
+    return rows
+
+
+def _json_type(obj: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(obj), "a number")
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_rows(text: str, name: str) -> list[Row]:
+    """A JSON array of objects, ``{"data": [...]}``, or JSON Lines saved as .json (as ``datasets`` reads it)."""
+    start = _WS.match(text).end()
+    if start == len(text):
+        return []
+    try:
+        if text[start] == "[":
+            items, end = _array_items(text, start)
+        else:
+            obj, end = _PLAIN.raw_decode(text, start)  # the items' keys are checked below
+            if _WS.match(text, end).end() != len(text) and isinstance(obj, dict):
+                return _jsonl_rows(text, name)  # more than one value: JSON Lines
+            if not (isinstance(obj, dict) and isinstance(obj.get("data"), list)):
+                raise AlignError(
+                    f"{name}:{text.count(chr(10), 0, start) + 1}: expected a JSON array of objects, "
+                    f'{{"data": [...]}}, or one object per line; got {_json_type(obj)}'
+                )
+            items, _ = _array_items(text, _data_array_start(text, start))
+        if _WS.match(text, end).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, _WS.match(text, end).end())
+    except JSON_ERRORS as e:
+        raise _json_error(e, name, None) from None
+    rows, line, last = [], 1, 0
+    for pos, item in items:
+        line += text.count("\n", last, pos)
+        last = pos
+        if not isinstance(item, dict):
+            raise AlignError(f"{name}:{line}: expected a JSON object, got {_json_type(item)}")
+        rows.append(Row(f"{name}:{line}", item))
+    return rows
+
+
+def _array_items(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
+    """The items of the JSON array at ``text[pos] == '['`` with their offsets, and the end offset."""
+    items: list[tuple[int, Any]] = []
+    pos = _WS.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        try:
+            item, end = _DECODER.raw_decode(text, pos)
+        except (_DuplicateKey, RecursionError) as e:  # name the line where the item starts
+            raise _ItemError(e, text.count("\n", 0, pos) + 1) from None
+        items.append((pos, item))
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return items, pos + 1
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+
+
+def _data_array_start(text: str, pos: int) -> int:
+    """Offset of the array under the key "data" of the (valid) JSON object at ``text[pos] == '{'``."""
+    plain = _PLAIN
+    pos = _WS.match(text, pos + 1).end()
+    while True:
+        key, pos = plain.raw_decode(text, pos)
+        pos = _WS.match(text, pos).end() + 1  # past ':'
+        pos = _WS.match(text, pos).end()
+        if key == "data" and text.startswith("[", pos):
+            return pos
+        _, pos = plain.raw_decode(text, pos)
+        pos = _WS.match(text, _WS.match(text, pos).end() + 1).end()  # past ','
+
+
+def _csv_rows(text: str, name: str) -> list[Row]:
+    """Rows of a CSV file with a header line; line numbers count the header as line 1."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long response is a legitimate cell (the default stops at 128 KiB)
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [h.strip() for h in header]
+        seen: set[str] = set()
+        for h in header:
+            if h and h in seen:
+                raise AlignError(f"{name}:1: the header names column {h!r} twice; keep one")
+            seen.add(h)
+        rows, line = [], reader.line_num + 1
+        for fields in reader:
+            if fields:
+                if len(fields) < len(header) or any(x.strip() for x in fields[len(header) :]):
+                    n = f"{len(fields)} field{'s' * (len(fields) != 1)}"
+                    why = (
+                        "a field is missing, or a double quote is never closed"
+                        if len(fields) < len(header)
+                        else 'put a field that contains commas or line breaks in double quotes ("...")'
+                    )
+                    raise AlignError(f"{name}:{line}: {n}, but the header has {len(header)}; {why}")
+                rows.append(
+                    Row(
+                        f"{name}:{line}",
+                        {h: v for h, v in zip(header, fields[: len(header)], strict=True) if h},
+                    )
+                )
+            line = reader.line_num + 1
+        return rows
+    except csv.Error as e:
+        raise AlignError(f"{name}:{reader.line_num}: malformed CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _parquet_rows(raw: bytes, name: str) -> list[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(raw))
+        columns = pf.schema_arrow.names
+        dup = next((c for c in columns if columns.count(c) > 1), None)
+        if dup is None:
+            records = pf.read().to_pylist()
+    except (pa.ArrowException, OSError, ValueError, TypeError) as e:
+        raise AlignError(
+            f"{name}: not a readable Parquet file ({type(e).__name__}: {_first_line(e)}); is it complete?"
+        ) from None
+    if dup is not None:
+        raise AlignError(f"{name}: column {dup!r} appears twice; keep one")
+    return [Row(f"{name}: row {i}", r) for i, r in enumerate(records)]
 
 
 def _read_hub(name: str, split: str) -> list[Row]:
@@ -138,15 +387,31 @@ def _read_hub(name: str, split: str) -> list[Row]:
 # --------------------------------------------------------------------------- validation
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text(row: Row, label: str, value: str) -> str:
+    """A non-empty string that can be stored as UTF-8 (JSON's "\ud800" escapes can make one that cannot)."""
+    if not value.strip():
+        raise AlignError(f"{row.where}: {label} is empty")
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise AlignError(
+            f"{row.where}: {label} holds a lone surrogate \\u{ord(bad.group()):04x} (a broken \\u escape), "
+            "which is not text; fix or drop the row"
+        )
+    return value
+
+
 def _text_or_messages(row: Row, key: str, roles: tuple[str, ...] | None = None) -> str | list[dict]:
-    if key not in row.data or row.data[key] is None:
-        have = ", ".join(sorted(row.data)) or "nothing"
+    if key not in row.data:
+        have = ", ".join(sorted(map(str, row.data))) or "nothing"
         raise AlignError(f"{row.where}: missing column {key!r} (the row has: {have})")
+    if row.data[key] is None:
+        raise AlignError(f"{row.where}: {key!r} is empty (null)")
     value = row.data[key]
     if isinstance(value, str):
-        if not value.strip():
-            raise AlignError(f"{row.where}: {key!r} is empty")
-        return value
+        return _text(row, repr(key), value)
     if isinstance(value, list):
         if not value:
             raise AlignError(f"{row.where}: {key!r} is an empty list of messages")
@@ -154,17 +419,23 @@ def _text_or_messages(row: Row, key: str, roles: tuple[str, ...] | None = None) 
         for i, m in enumerate(value):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise AlignError(f"{row.where}: {key}[{i}] must be an object with 'role' and 'content'")
-            if m["role"] not in (roles or ROLES):
+            if not isinstance(m["role"], str) or m["role"] not in (roles or ROLES):
                 raise AlignError(
                     f"{row.where}: {key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(roles or ROLES)}"
                 )
-            if not isinstance(m["content"], str) or not m["content"].strip():
-                raise AlignError(f"{row.where}: {key}[{i}] ({m['role']}) has empty content")
-            msgs.append({"role": m["role"], "content": m["content"]})
+            if not isinstance(m["content"], str):
+                raise AlignError(
+                    f"{row.where}: {key}[{i}] ({m['role']}) content must be a string, not {_type(m['content'])}"
+                )
+            msgs.append(
+                {"role": m["role"], "content": _text(row, f"{key}[{i}] ({m['role']}) content", m["content"])}
+            )
         return msgs
-    raise AlignError(
-        f"{row.where}: {key!r} must be a string or a list of messages, not {type(value).__name__}"
-    )
+    raise AlignError(f"{row.where}: {key!r} must be a string or a list of messages, not {_type(value)}")
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 def _split_shared_prefix(row: Row, chosen: list[dict], rejected: list[dict]):
@@ -196,6 +467,11 @@ def preference_row(row: Row) -> dict[str, Any]:
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if "margin" in row.data:  # stage=rm: how much better chosen is (RewardTrainer's margin loss)
         margin = row.data["margin"]
+        if isinstance(margin, str):  # a CSV cell
+            try:
+                margin = float(margin)
+            except ValueError:
+                pass
         if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
             raise AlignError(f"{row.where}: 'margin' must be a finite number, got {margin!r}")
         out["margin"] = float(margin)
@@ -222,7 +498,10 @@ def sft_row(row: Row) -> dict[str, Any]:
             raise AlignError(f"{row.where}: prompt and completion must both be strings or both message lists")
         return {"prompt": prompt, "completion": completion}
     if "text" in d:
-        return {"text": _text_or_messages(row, "text")}
+        text = _text_or_messages(row, "text")
+        if not isinstance(text, str):
+            raise AlignError(f"{row.where}: 'text' must be a string; a conversation goes in 'messages'")
+        return {"text": text}
     have = ", ".join(sorted(d)) or "nothing"
     raise AlignError(
         f"{row.where}: an SFT row needs 'messages', 'prompt'+'completion' or 'text' (the row has: {have})"
@@ -234,7 +513,8 @@ def prompt_row(row: Row) -> dict[str, Any]:
     for key in ("constraints", "id"):
         if key in row.data:
             value = row.data[key]
-            out[key] = value if isinstance(value, str) else json.dumps(value)
+            value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+            out[key] = _SURROGATE.sub("\ufffd", value)  # an opaque label: stored, never tokenized
     return out
 
 
@@ -246,21 +526,39 @@ def validate_rows(rows: list[Row], kind: str) -> list[dict[str, Any]]:
 
 
 def _validated(rows: list[Row], kind: str, *, skip: bool, dropped: list[str]) -> list[tuple[str, dict]]:
-    """(where, row) pairs; with ``skip`` a malformed row is dropped and noted in ``dropped``."""
+    """(where, row) pairs; with ``skip`` a malformed row is dropped and noted in ``dropped``.
+
+    Every kept row has the columns of the first, each holding the same form (text or messages):
+    one dataset column cannot hold both, and a trainer cannot tokenize a mix.
+    """
     convert = CONVERTERS[kind]
-    out = []
+    out: list[tuple[str, dict]] = []
+    first: tuple[str, dict[str, str]] | None = None
     for r in rows:
         try:
-            out.append((r.where, convert(r)))
+            row = convert(r)
+            shape = {k: _form(v) for k, v in row.items()}
+            if first is None:
+                first = (r.where, shape)
+            elif shape != first[1]:
+                raise AlignError(
+                    f"{r.where}: this row has {_describe(shape)}, but {first[0]} has {_describe(first[1])}; "
+                    "every row must have the same columns, each all text or all message lists"
+                )
+            out.append((r.where, row))
         except AlignError as e:
             if not skip:
                 raise
             dropped.append(str(e))
-    keysets = {tuple(sorted(o)) for _, o in out}
-    if len(keysets) > 1:
-        first = out[0][0]
-        raise AlignError(f"rows mix different formats ({' vs '.join(map(str, keysets))}); first row: {first}")
     return out
+
+
+def _form(value: Any) -> str:
+    return "messages" if isinstance(value, list) else "text" if isinstance(value, str) else "number"
+
+
+def _describe(shape: dict[str, str]) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in sorted(shape.items()))
 
 
 def _prompt_tokens(row: dict[str, Any], tokenizer: Any) -> int:

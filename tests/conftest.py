@@ -136,3 +136,19 @@ def separable_pairs(path: Path, topics: list[str], n: int, seed: int) -> Path:
             }
         )
     return write_jsonl(path, rows)
+
+
+def compress(raw: bytes, suffix: str) -> bytes:
+    """``raw`` compressed as a file named ``*<suffix>`` would be (.gz, .bz2, .xz or .zst)."""
+    import bz2
+    import gzip
+    import lzma
+
+    if suffix == ".zst":
+        import pyarrow as pa
+
+        out = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(out, "zstd") as f:
+            f.write(raw)
+        return out.getvalue().to_pybytes()
+    return {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix](raw)

@@ -162,6 +162,35 @@ def test_failed_cli_run_leaves_no_run_directory(tiny_model, tmp_path):
     assert not run_dir.exists() and not list(tmp_path.glob("run.failed*"))
 
 
+def test_non_utf8_data_file_exits_2_before_loading_a_model_and_leaves_nothing(tiny_model, tmp_path):
+    data = tmp_path / "export.csv"  # a spreadsheet saved as Windows-1252
+    data.write_bytes("prompt,chosen,rejected\nq,a,b\nCaf\u00e9?,a,b\n".encode("cp1252"))
+    run_dir = tmp_path / "run"
+    r = _cli(
+        "stage=dpo",
+        *tiny_overrides(tiny_model, f"data.train={data}"),
+        "tracking=offline",
+        f"hydra.run.dir={run_dir}",
+        code=NO_MODEL_LOAD,
+    )
+    line = _one_line_error(r)
+    assert line == f"align: error: {data}:3: not UTF-8 text (byte 0xe9 at column 4); re-save it as UTF-8"
+    assert not run_dir.exists() and not list(tmp_path.glob("run.failed*"))
+
+
+# the CLI, with loading a model made an error: the data must be refused before that
+NO_MODEL_LOAD = """
+import sys
+import align.backbone as backbone
+def refuse(*args, **kwargs):
+    raise RuntimeError("a model was loaded before the data was checked")
+backbone.load_base_model = refuse
+sys.argv = ["align", *sys.argv[1:]]
+from align.__main__ import main
+main()
+"""
+
+
 CRASH = """
 import sys
 from pathlib import Path
