@@ -60,6 +60,11 @@ class OnError(str, Enum):
     skip = "skip"
 
 
+class OnCollapse(str, Enum):
+    warn = "warn"  # warn once and log it; training goes on
+    stop = "stop"  # stop with a message; the last good checkpoint is kept, no collapsed artifact
+
+
 class OnNaN(str, Enum):
     stop = "stop"  # stop with a message naming the step; the last good checkpoint is kept
     skip = "skip"  # drop that step's update and go on (counted in train/skipped_nonfinite_steps)
@@ -139,6 +144,10 @@ class TrainConfig:
     save_steps: int = 50  # checkpoint every N steps (0: only when interrupted); see resume=
     save_total_limit: int = 2  # keep the last K checkpoints
     on_nan: OnNaN = OnNaN.stop  # a non-finite loss or gradient: stop | skip the step
+    # preference stages: the policy's log-prob of the chosen responses fell this many nats below
+    # where it started (DPO: -rewards/chosen / beta) -> a collapse (see README); null: no check
+    max_logp_drop: float | None = 10.0
+    on_collapse: OnCollapse = OnCollapse.warn
 
 
 @dataclass

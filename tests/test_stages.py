@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import compose, separable_pairs, tiny_overrides
+from conftest import REPO, compose, separable_pairs, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
 from align import artifacts
@@ -68,6 +68,56 @@ def test_dpo_learns_held_out_preferences(tiny_model, pair_files, tmp_path):
     assert m["eval/rewards/accuracies"] > 0.5
     assert m["eval/loss"] < math.log(2)
     assert m["eval/rewards/margins"] > 0
+    # a normal run does not trip the collapse guard (default train.max_logp_drop)
+    history = json.loads((tmp_path / "dpo" / "log_history.json").read_text())
+    assert not any("collapse/logp_drop" in h for h in history)
+
+
+@pytest.mark.parametrize("on_collapse", ["warn", "stop"])
+def test_dpo_collapse_guard_trips_on_a_huge_lr(tiny_model, sft_run, tmp_path, capsys, on_collapse):
+    """From an SFT start that is confident on its answers, lr 0.1 wrecks the policy: the
+    chosen answers lose far more than train.max_logp_drop (10) nats (measured ~90 by step 2,
+    vs ~2 at lr 1e-3). A random tiny model cannot collapse: it is near-uniform already."""
+    sft_dir, _ = sft_run
+    rows = [
+        json.loads(x) for x in (REPO / "reward_data" / "tiny_sft.jsonl").read_text().splitlines() if x.strip()
+    ]
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {
+                "prompt": r["messages"][:-1],
+                "chosen": r["messages"][-1:],
+                "rejected": rows[(i + 1) % len(rows)]["messages"][-1:],
+            }
+            for i, r in enumerate(rows)
+        ],
+    )
+    cfg = compose(
+        "stage=dpo",
+        f"dpo.init={sft_dir}",
+        *tiny_overrides(
+            tiny_model,
+            f"data.train={pairs}",
+            f"data.eval={pairs}",
+            "train.max_steps=6",
+            "train.lr=0.1",
+            f"train.on_collapse={on_collapse}",
+        ),
+    )
+    if on_collapse == "stop":
+        with pytest.raises(AlignError, match="training collapsed at step") as e:
+            execute(cfg, tmp_path / "dpo")
+        assert "train.max_logp_drop=10" in str(e.value) and "no adapter was saved" in str(e.value)
+        assert not (tmp_path / "dpo" / "artifact.json").exists()
+        return
+    execute(cfg, tmp_path / "dpo")
+    out = capsys.readouterr().out
+    assert out.count("the model is collapsing") == 1  # warned once
+    history = json.loads((tmp_path / "dpo" / "log_history.json").read_text())
+    (entry,) = [h for h in history if "collapse/logp_drop" in h]
+    assert entry["collapse/logp_drop"] > 10
+    assert history[-1]["step"] == 6  # warn: training went on
 
 
 def test_dpo_from_sft_uses_the_sft_adapter_as_policy_and_reference(tiny_model, pair_files, sft_run, tmp_path):

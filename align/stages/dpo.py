@@ -46,7 +46,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
+    # checkpoints, SIGTERM/SIGINT, non-finite steps, resume, collapse (train.max_logp_drop)
+    guard.train(ctx, trainer, beta=cfg.dpo.beta)
     metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
     lineage = {
         "init": str(init.run_dir) if init else None,
