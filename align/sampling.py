@@ -77,28 +77,32 @@ def _mergeable(layer) -> list[str]:
     return active
 
 
-def merge_cost_bytes(model) -> int:
+def merge_cost_bytes(model, dtype: torch.dtype | None = None) -> int:
     """Bytes :func:`merged_adapter` allocates: one copy of every base weight it merges into."""
     total = 0
     for layer in _lora_layers(model):
         if _mergeable(layer):
             w = layer.get_base_layer().weight
-            total += w.numel() * w.element_size()
+            total += w.numel() * (dtype.itemsize if dtype is not None else w.element_size())
     return total
 
 
 @contextlib.contextmanager
-def merged_adapter(model, *, enabled: bool = True) -> Iterator[bool]:
+def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = None) -> Iterator[bool]:
     """Within the block, the model's active LoRA adapter is folded into its base weights
     (W + B A s, as peft's safe merge computes it), and peft's forward skips the LoRA branch.
     The merged weight is a new tensor; the original is put back on exit, so the base is
     bit-identical afterwards, and gradients never see the merged copy. Yields whether
     anything was merged: nothing is for a 4-bit/8-bit base, DoRA, disabled adapters, or when
-    the copy would not fit in memory (then the unmerged forward runs, as before)."""
+    the copy would not fit in memory (then the unmerged forward runs, as before).
+
+    ``dtype``: store the merged copy in this dtype (the autocast dtype while sampling under bf16
+    autocast): autocast would cast the fp32 weight to exactly that on every decode step; cast
+    once here, a decode step stops re-reading and re-writing every weight."""
     layers = [(layer, _mergeable(layer)) for layer in _lora_layers(model)] if enabled else []
     layers = [(layer, names) for layer, names in layers if names]
     if layers:
-        need = merge_cost_bytes(model)
+        need = merge_cost_bytes(model, dtype)
         device = layers[0][0].get_base_layer().weight.device
         if need > MEMORY_SHARE * 2 * available_memory(device):
             log.info("not merging the adapter for sampling: %.0f MB would not fit", need / 2**20)
@@ -111,6 +115,8 @@ def merged_adapter(model, *, enabled: bool = True) -> Iterator[bool]:
                 merged = weight.data.clone()
                 for name in names:
                     merged += layer.get_delta_weight(name).to(merged.dtype)
+                if dtype is not None:
+                    merged = merged.to(dtype)
                 saved.append((layer, weight.data, names))
                 weight.data = merged
                 layer.merged_adapters.extend(names)
@@ -203,6 +209,7 @@ def sample(
     batch_size: int = 0,
     device: str | torch.device = "cpu",
     merge: bool = True,
+    autocast: torch.dtype | None = None,
     desc: str = "generate",
     progress: bool = True,
 ) -> list[Completion]:
@@ -211,11 +218,11 @@ def sample(
     Greedy when ``params.temperature == 0``: the tokens are exactly ``model.generate``'s,
     and each comes with its log-prob. Otherwise sampled with transformers' warpers and
     ``torch.multinomial``. ``batch_size=0`` sizes batches by memory (:func:`auto_batch_size`).
+    ``autocast``: compute dtype over the weights (bf16 mixed precision, Runtime.autocast_dtype).
     """
     from tqdm.auto import tqdm
 
     n = len(prompt_ids)
-    out: list[Completion | None] = [None] * n
     if n == 0:
         return []
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
@@ -225,90 +232,181 @@ def sample(
     model.eval()
     bar = tqdm(total=n, desc=desc, unit="prompt", leave=False, disable=not progress)
     try:
-        with merged_adapter(model, enabled=merge), torch.no_grad():
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                done = _decode(model, [prompt_ids[i] for i in idx], params, stop, pad_id, device)
-                for i, c in zip(idx, done, strict=True):
-                    out[i] = c
-                bar.update(len(idx))
+        with (
+            merged_adapter(model, enabled=merge, dtype=autocast),
+            torch.no_grad(),
+            _autocast(device, autocast),
+        ):
+            done = _Decoder(model, prompt_ids, params, stop, pad_id, device, bs, bar.update).run(order)
     finally:
         bar.close()
         model.train(was_training)
-    return out  # type: ignore[return-value]
+    return done
 
 
-def _decode(model, prompts: list[list[int]], p: SamplingParams, stop: list[int], pad_id: int, device):
-    """Decode one batch (KV cache on); finished rows are dropped from the batch and the cache."""
-    from transformers import DynamicCache
+def _autocast(device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
-    B, width = len(prompts), max(len(x) for x in prompts)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    for row, x in enumerate(prompts):
-        ids[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    greedy = p.temperature <= 0
-    warpers = None if greedy else _warpers(p)
-    stop_t = torch.tensor(stop, device=device)
-    done = [Completion(prompt_ids=list(x)) for x in prompts]
-    live = torch.arange(B, device=device)  # batch row -> prompt index
-    generated: list[list[int]] = [[] for _ in range(B)]
-    logps: list[list[float]] = [[] for _ in range(B)]
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_pos = positions[:, -1:] + 1
-    for step in range(p.max_new_tokens):
-        logits = out.logits[:, -1, :].float()
-        if greedy:
-            token = logits.argmax(-1)
-            lp = (logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)).tolist()
-        else:
-            probs = torch.softmax(warpers(ids, logits), dim=-1)  # these warpers ignore the ids
-            token = torch.multinomial(probs, num_samples=1).squeeze(1)
-            lp = None
-        finished = torch.isin(token, stop_t)
-        if step == p.max_new_tokens - 1:
-            finished = torch.ones_like(finished)
-        tok_list = token.tolist()
-        fin_list = finished.tolist()
-        rows = live.tolist()
-        for r, (row, t, f) in enumerate(zip(rows, tok_list, fin_list, strict=True)):
-            generated[row].append(t)
-            if lp is not None:
-                logps[row].append(lp[r])
-            if f:
-                hit = t in stop
-                c = done[row]
-                c.ids = generated[row]
-                c.n_tokens = len(c.ids) - (1 if hit else 0)
-                c.truncated = not hit
-                c.logprobs = logps[row] if greedy else None
-        if all(fin_list):
-            break
-        keep = (~finished).nonzero().squeeze(1)
-        if keep.numel() < finished.numel():
-            cache.batch_select_indices(keep)
-            live, token, mask, next_pos, ids = live[keep], token[keep], mask[keep], next_pos[keep], ids[keep]
-        mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], 1)
-        out = model(
-            input_ids=token[:, None],
+
+def _left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, ids))
+    out = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    m = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        out[row, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        m[row, width - len(x) :] = 1
+    return out.to(device), m.to(device)
+
+
+class _Decoder:
+    """Continuous batching over a KV cache of at most ``bs`` rows.
+
+    Rows that finish (stop token or their own ``max_new_tokens``) leave the batch and the
+    cache at once; when a quarter of the slots are free, the next prompts (shortest first) are
+    prefilled and joined to the batch, left-padded to the cache's length (or the cache is
+    left-padded to theirs), each row keeping its own positions. Columns that every live row
+    masks out are cropped from the left, so the cache is never longer than the live rows need.
+    Padding is masked, so each row's tokens are those it would get decoded alone."""
+
+    def __init__(self, model, prompt_ids, p: SamplingParams, stop, pad_id, device, bs: int, progress):
+        self.model, self.prompt_ids, self.p = model, prompt_ids, p
+        self.stop, self.stop_t, self.pad_id, self.device = (
+            stop,
+            torch.tensor(stop, device=device),
+            pad_id,
+            device,
+        )
+        self.bs, self.progress = bs, progress
+        self.greedy = p.temperature <= 0
+        self.warpers = None if self.greedy else _warpers(p)
+        self.out: list[Completion] = [Completion(prompt_ids=list(x)) for x in prompt_ids]
+        self.logps: list[list[float]] = [[] for _ in prompt_ids]
+        # from transformers' DynamicCache, only plain full-attention layers can be padded and joined
+        from transformers.cache_utils import DynamicLayer
+
+        self._joinable = DynamicLayer
+
+    def _prefill(self, idx: list[int]):
+        from transformers import DynamicCache
+
+        ids, mask = _left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
+        pos = positions(mask)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
             attention_mask=mask,
-            position_ids=next_pos,
+            position_ids=pos,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
-        next_pos = next_pos + 1
-    return done
+        live = torch.tensor(idx, device=self.device)
+        return cache, mask, pos[:, -1:] + 1, out.logits[:, -1, :].float(), live
+
+    def _can_join(self, cache) -> bool:
+        return all(type(layer) is self._joinable for layer in cache.layers)
+
+    @staticmethod
+    def _pad_cache(cache, n: int) -> None:
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                setattr(layer, name, torch.cat([t.new_zeros(*t.shape[:2], n, t.shape[3]), t], dim=2))
+
+    def _join(self, state, new):
+        cache, mask, next_pos, logits, live = state
+        c2, m2, p2, l2, v2 = new
+        T, W = mask.size(1), m2.size(1)
+        if W < T:
+            self._pad_cache(c2, T - W)
+            m2 = torch.cat([m2.new_zeros(m2.size(0), T - W), m2], 1)
+        elif W > T:
+            self._pad_cache(cache, W - T)
+            mask = torch.cat([mask.new_zeros(mask.size(0), W - T), mask], 1)
+        for a, b in zip(cache.layers, c2.layers, strict=True):
+            a.keys = torch.cat([a.keys, b.keys], 0)
+            a.values = torch.cat([a.values, b.values], 0)
+        return (
+            cache,
+            torch.cat([mask, m2]),
+            torch.cat([next_pos, p2]),
+            torch.cat([logits, l2]),
+            torch.cat([live, v2]),
+        )
+
+    @staticmethod
+    def _crop_left(cache, mask):
+        unused = int(mask.any(0).long().argmax())  # leading columns every live row masks out
+        if unused > 0:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            mask = mask[:, unused:]
+        return mask
+
+    def _choose(self, logits):
+        if self.greedy:
+            token = logits.argmax(-1)
+            lp = (logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)).tolist()
+            return token, lp
+        probs = torch.softmax(self.warpers(None, logits), dim=-1)  # these warpers ignore the ids
+        return torch.multinomial(probs, num_samples=1).squeeze(1), None
+
+    def run(self, order: list[int]) -> list[Completion]:
+        queue = list(order)
+        first, queue = queue[: self.bs], queue[self.bs :]
+        cache, mask, next_pos, logits, live = self._prefill(first)
+        joinable = self._can_join(cache)
+        while live.numel():
+            token, lp = self._choose(logits)
+            hit = torch.isin(token, self.stop_t)
+            finished: list[bool] = []
+            for r, (i, t, h) in enumerate(zip(live.tolist(), token.tolist(), hit.tolist(), strict=True)):
+                c = self.out[i]
+                c.ids.append(t)
+                if lp is not None:
+                    self.logps[i].append(lp[r])
+                end = h or len(c.ids) >= self.p.max_new_tokens
+                if end:
+                    c.n_tokens = len(c.ids) - (1 if h else 0)
+                    c.truncated = not h
+                    c.logprobs = self.logps[i] if self.greedy else None
+                    self.progress(1)
+                finished.append(end)
+            keep = torch.tensor([not f for f in finished], device=self.device).nonzero().squeeze(1)
+            if keep.numel() < live.numel():
+                cache.batch_select_indices(keep)
+                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+                mask = self._crop_left(cache, mask)
+            if live.numel():
+                mask = torch.cat([mask, mask.new_ones((mask.size(0), 1))], 1)
+                logits = (
+                    self.model(
+                        input_ids=token[:, None],
+                        attention_mask=mask,
+                        position_ids=next_pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                    .logits[:, -1, :]
+                    .float()
+                )
+                next_pos = next_pos + 1
+            free = self.bs - live.numel()
+            # refill when a quarter of the slots are free (a cache that cannot be joined, e.g.
+            # sliding-window layers, finishes its batch first)
+            if queue and (not live.numel() or (joinable and free * 4 >= self.bs)):
+                idx, queue = queue[:free], queue[free:]
+                new = self._prefill(idx)
+                if live.numel():
+                    cache, mask, next_pos, logits, live = self._join(
+                        (cache, mask, next_pos, logits, live), new
+                    )
+                else:
+                    cache, mask, next_pos, logits, live = new
+                    joinable = self._can_join(cache)
+        return self.out
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -410,6 +508,7 @@ def completion_logprobs(
     *,
     batch_size: int = 0,
     device: str | torch.device = "cpu",
+    autocast: torch.dtype | None = None,
     desc: str = "log-probs",
     progress: bool = True,
 ) -> list[list[float]]:
@@ -429,7 +528,7 @@ def completion_logprobs(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device, autocast):
             for start in tqdm(range(0, n, bs), desc=desc, unit="batch", leave=False, disable=not progress):
                 idx = order[start : start + bs]
                 P = max(len(seqs[i][0]) for i in idx)

@@ -24,6 +24,7 @@ Last line: `generate_efficiency: <align tokens/s at its default batch / bound to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -94,8 +95,8 @@ def main() -> None:
     rt = backbone.detect_runtime(cfg)
     path = backbone.resolve_model_path(cfg.model)
     tok = backbone.load_tokenizer(path, cfg.model)
-    model = get_peft_model(backbone.load_base_model(path, cfg, rt), backbone.peft_config(cfg))
     torch.manual_seed(0)
+    model = get_peft_model(backbone.load_base_model(path, cfg, rt), backbone.peft_config(cfg))
     with torch.no_grad():
         for n, q in model.named_parameters():
             if "lora_B" in n:
@@ -112,10 +113,12 @@ def main() -> None:
     default_bs = sampling.auto_batch_size(
         model, max(map(len, prompts)) + args.max_new_tokens, device=rt.device
     )
+    amp = rt.autocast_dtype  # train.autocast: bf16 where native (every path below alike); =none: fp32
+    precision = contextlib.nullcontext if amp is None else lambda: torch.autocast(rt.device, dtype=amp)
     hw = hardware.describe()
     print(
         f"cpu: {hw['cpu']} | flags: {' '.join(hw['cpu_flags'])} | threads: {torch.get_num_threads()} | "
-        f"cuda: {hw['cuda']} | dtype: {rt.dtype} | prompts: {len(prompts)} x max {args.max_new_tokens} new tokens",
+        f"cuda: {hw['cuda']} | dtype: {rt.dtype} | autocast: {amp} | prompts: {len(prompts)} x max {args.max_new_tokens} new tokens",
         flush=True,
     )
 
@@ -123,7 +126,8 @@ def main() -> None:
 
     def measure(label: str, batch: int, fn) -> float:
         t = time.perf_counter()
-        generated = fn()
+        with precision():
+            generated = fn()
         wall = time.perf_counter() - t
         table.append(
             {
@@ -167,11 +171,11 @@ def main() -> None:
     head = model.get_output_embeddings().weight.numel()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     all_params = body + (head if tied else 0)  # the LM head's matmul runs once per decoded token
-    dtype = rt.dtype
+    dtype = amp or rt.dtype
     a, b = (torch.randn(args.matmul_n, args.matmul_n, dtype=dtype) for _ in range(2))
     rate = 2 * args.matmul_n**3 / time_best(lambda: a @ b, 3)
     one = torch.tensor([[prompts[0][-1]]])
-    with sampling.merged_adapter(model), torch.no_grad():
+    with sampling.merged_adapter(model), torch.no_grad(), precision():
         t_read = statistics.median(
             [time_best(lambda: model(input_ids=one, use_cache=False, logits_to_keep=1), 1) for _ in range(10)]
         )

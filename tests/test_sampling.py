@@ -89,17 +89,18 @@ def test_greedy_tokens_equal_transformers_generate_and_rows_finish_independently
     want = hf_greedy(model, prompts, 16, stop, tok.pad_token_id)
     lengths = {len(w) for w in want}
     assert len(lengths) > 1  # rows stop at different steps: the early ones leave the batch
-    for merge in (True, False):
+    # one batch, and batches of 2 and 4 slots that refill as rows finish (continuous batching)
+    for merge, bs in ((True, len(prompts)), (False, len(prompts)), (True, 2), (True, 4)):
         got = sampling.sample(
             model,
             prompts,
             sampling.SamplingParams(max_new_tokens=16),
             stop=stop,
             pad_id=tok.pad_token_id,
-            batch_size=len(prompts),
+            batch_size=bs,
             merge=merge,
         )
-        assert [c.ids for c in got] == want, f"merge={merge}"
+        assert [c.ids for c in got] == want, f"merge={merge} batch_size={bs}"
         for c in got:
             assert c.truncated == (c.ids[-1] not in stop)
             assert c.n_tokens == len(c.ids) - (0 if c.truncated else 1)

@@ -225,7 +225,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         self.cfg, self.p, self.t = cfg, cfg.ppo, cfg.train
-        self.step, self.skipped_updates = 0, 0
+        self.step, self.skipped_updates, self.generate_s = 0, 0, 0.0
         self.models, self.tokenizer, self.device = models, tokenizer, device
         self.reward_fn = reward_fn
         self.autocast_dtype = autocast_dtype  # bf16 mixed precision (Runtime.autocast_dtype)
@@ -306,9 +306,13 @@ class PPOTrainer:
     def _make_batch(self, rows: list[dict[str, Any]]) -> Batch:
         p = self.p
         prompts = [r["prompt"] for r in rows]
+        started = time.perf_counter()
         with self.models.active("policy") as model:
             model.eval()
-            ro = rollout.generate(model, self.tokenizer, prompts, p, self.device, self.stop_ids)
+            ro = rollout.generate(
+                model, self.tokenizer, prompts, p, self.device, self.stop_ids, autocast=self.autocast_dtype
+            )
+        self.generate_s = time.perf_counter() - started  # sampling alone, of time/rollout_s
         ro.columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         raw = self.score(ro)
         scores = raw.clone()
@@ -491,7 +495,8 @@ class PPOTrainer:
             metrics |= {
                 "train/lr": self.scheduler.get_last_lr()[0],
                 "time/step_s": time.perf_counter() - started,
-                "time/rollout_s": rollout_s,
+                "time/rollout_s": rollout_s,  # sampling + scoring + the policy/ref/value forward passes
+                "time/generate_s": self.generate_s,
                 "train/episodes": step * self.rollout_size * self.dist.world,
                 "train/skipped_nonfinite_updates": float(self.skipped_updates),
             }

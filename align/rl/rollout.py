@@ -93,7 +93,14 @@ eos_ids = sampling.stop_ids
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list[Any], p: Any, device: str, stop_ids: list[int], batch_size: int = 0
+    model,
+    tokenizer,
+    prompts: list[Any],
+    p: Any,
+    device: str,
+    stop_ids: list[int],
+    batch_size: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> Rollout:
     """Sample one completion per prompt with the model's active adapter, through align.sampling
     (adapter merged while sampling, finished rows leave the batch). ``batch_size=0``: all
@@ -110,6 +117,7 @@ def generate(
         pad_id=pad,
         batch_size=batch_size or min(len(encoded), sampling.MAX_BATCH),
         device=device,
+        autocast=autocast,
         progress=False,
     )
     B, P, C = len(done), max(map(len, encoded)), max(len(c.ids) for c in done)
