@@ -250,7 +250,8 @@ def _autocast(device, dtype: torch.dtype | None):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def _left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists, left-padded to the longest."""
     width = max(map(len, ids))
     out = torch.full((len(ids), width), pad_id, dtype=torch.long)
     m = torch.zeros((len(ids), width), dtype=torch.long)
@@ -291,7 +292,7 @@ class _Decoder:
     def _prefill(self, idx: list[int]):
         from transformers import DynamicCache
 
-        ids, mask = _left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
+        ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
         pos = positions(mask)
         cache = DynamicCache(config=self.model.config)
         out = self.model(

@@ -47,17 +47,15 @@ def hf_generate(model, prompt_ids, max_new_tokens, batch_size, stop, pad) -> int
     """What align's eval did before align.sampling: model.generate on length-sorted batches."""
     import torch
 
+    from align.sampling import left_pad
+
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     generated = 0
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(prompt_ids[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
-                mask[row, width - len(prompt_ids[i]) :] = 1
+            ids, mask = left_pad([prompt_ids[i] for i in idx], pad)
+            width = ids.size(1)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,

@@ -45,12 +45,8 @@ def encode(tok, prompts=PROMPTS):
 def hf_greedy(model, prompts: list[list[int]], max_new: int, stop: list[int], pad: int) -> list[list[int]]:
     """transformers' model.generate on one left-padded batch: rows that finished keep padding
     along until the last one does (the path align.sampling replaces)."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        mask[r, width - len(p) :] = 1
+    ids, mask = sampling.left_pad(prompts, pad)
+    width = ids.size(1)
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
