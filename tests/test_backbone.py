@@ -125,3 +125,18 @@ def test_unknown_embedded_model_is_named():
     cfg = compose("model.name_or_path=embedded:gpt-9")
     with pytest.raises(AlignError, match="embedded:gpt-9"):
         backbone.resolve_model_path(cfg.model)
+
+
+def test_no_bitsandbytes_kernels_warning():
+    """Importing bitsandbytes after align prints nothing about the Hub `kernels` package (on an
+    AVX512-BF16 CPU bitsandbytes warns about it on import; elsewhere it never does)."""
+    import logging
+    import subprocess
+    import sys
+
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").getEffectiveLevel() == logging.ERROR
+    r = subprocess.run(
+        [sys.executable, "-c", "import align, bitsandbytes"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kernels" not in r.stderr, r.stderr[-2000:]
