@@ -163,12 +163,6 @@ class Generation:
     logprobs: list[float] | None = None  # greedy: the model's log-prob of each of ``ids``
 
 
-def render_prompt(tokenizer, prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-
-
 def generate(
     model,
     tokenizer,
@@ -186,10 +180,9 @@ def generate(
     finished rows dropped from the batch."""
     from align import sampling
 
-    encoded = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     done = sampling.sample(
         model,
-        encoded,
+        sampling.encode_prompts(tokenizer, prompts),
         sampling.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
         stop=sampling.stop_ids(tokenizer, model),
         pad_id=tokenizer.pad_token_id,
@@ -226,6 +219,8 @@ def pair_token_ids(tokenizer, prompt: Any, completion: Any, max_length: int) -> 
     if isinstance(prompt, str):
         p_text, c_text = prompt, completion if isinstance(completion, str) else completion[-1]["content"]
     else:
+        from align.sampling import render_prompt
+
         p_text = render_prompt(tokenizer, prompt)
         full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
         c_text = full[len(p_text) :] if full.startswith(p_text) else completion[-1]["content"]

@@ -166,14 +166,9 @@ class CollapseGuard(TrainerCallback):
                 + ("" if self.on_collapse == "stop" else ", or set train.on_collapse=stop to stop here"),
                 flush=True,
             )
-        if self.on_collapse == "stop":
+        if self.on_collapse == "stop":  # on_log runs before this step's checkpoint is written
             control.should_training_stop = True
             control.should_save = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.collapsed_step is not None and self.on_collapse == "stop":
-            control.should_save = False
-            control.should_training_stop = True
 
 
 def trainer_kwargs(cfg: Any) -> dict[str, Any]:

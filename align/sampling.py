@@ -77,16 +77,6 @@ def _mergeable(layer) -> list[str]:
     return active
 
 
-def merge_cost_bytes(model, dtype: torch.dtype | None = None) -> int:
-    """Bytes :func:`merged_adapter` allocates: one copy of every base weight it merges into."""
-    total = 0
-    for layer in _lora_layers(model):
-        if _mergeable(layer):
-            w = layer.get_base_layer().weight
-            total += w.numel() * (dtype.itemsize if dtype is not None else w.element_size())
-    return total
-
-
 @contextlib.contextmanager
 def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = None) -> Iterator[bool]:
     """Within the block, the model's active LoRA adapter is folded into its base weights
@@ -101,9 +91,10 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
     once here, a decode step stops re-reading and re-writing every weight."""
     layers = [(layer, _mergeable(layer)) for layer in _lora_layers(model)] if enabled else []
     layers = [(layer, names) for layer, names in layers if names]
-    if layers:
-        need = merge_cost_bytes(model, dtype)
-        device = layers[0][0].get_base_layer().weight.device
+    if layers:  # one copy of every base weight merged into
+        weights = [layer.get_base_layer().weight for layer, _ in layers]
+        need = sum(w.numel() * (dtype.itemsize if dtype is not None else w.element_size()) for w in weights)
+        device = weights[0].device
         if need > MEMORY_SHARE * 2 * available_memory(device):
             log.info("not merging the adapter for sampling: %.0f MB would not fit", need / 2**20)
             layers = []
@@ -170,6 +161,18 @@ def auto_batch_size(model, tokens: int, *, cap: int = MAX_BATCH, device: torch.d
 
 
 # --------------------------------------------------------------------------- sampling
+
+
+def render_prompt(tokenizer, prompt: Any) -> str:
+    """A text prompt as is; a message list through the chat template, ready for the answer."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each rendered prompt (the chat template adds its own special tokens)."""
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -273,21 +276,12 @@ class _Decoder:
 
     def __init__(self, model, prompt_ids, p: SamplingParams, stop, pad_id, device, bs: int, progress):
         self.model, self.prompt_ids, self.p = model, prompt_ids, p
-        self.stop, self.stop_t, self.pad_id, self.device = (
-            stop,
-            torch.tensor(stop, device=device),
-            pad_id,
-            device,
-        )
+        self.stop_t, self.pad_id, self.device = torch.tensor(stop, device=device), pad_id, device
         self.bs, self.progress = bs, progress
         self.greedy = p.temperature <= 0
         self.warpers = None if self.greedy else _warpers(p)
         self.out: list[Completion] = [Completion(prompt_ids=list(x)) for x in prompt_ids]
         self.logps: list[list[float]] = [[] for _ in prompt_ids]
-        # from transformers' DynamicCache, only plain full-attention layers can be padded and joined
-        from transformers.cache_utils import DynamicLayer
-
-        self._joinable = DynamicLayer
 
     def _prefill(self, idx: list[int]):
         from transformers import DynamicCache
@@ -306,8 +300,12 @@ class _Decoder:
         live = torch.tensor(idx, device=self.device)
         return cache, mask, pos[:, -1:] + 1, out.logits[:, -1, :].float(), live
 
-    def _can_join(self, cache) -> bool:
-        return all(type(layer) is self._joinable for layer in cache.layers)
+    @staticmethod
+    def _can_join(cache) -> bool:
+        """Only plain full-attention DynamicCache layers can be left-padded and joined."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
 
     @staticmethod
     def _pad_cache(cache, n: int) -> None:

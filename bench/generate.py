@@ -87,7 +87,6 @@ def main() -> None:
     from peft import get_peft_model
 
     from align import backbone, hardware, sampling
-    from align.evaluation import render_prompt
 
     cfg = compose(["stage=eval", *args.overrides])
     rt = backbone.detect_runtime(cfg)
@@ -101,10 +100,7 @@ def main() -> None:
                 q.normal_(0.0, 0.02)
     model.eval()
     rows = [json.loads(x) for x in (REPO / "reward_data" / "prompts_test.jsonl").read_text().splitlines()]
-    prompts = [
-        tok(render_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
-        for r in rows[: args.prompts]
-    ]
+    prompts = sampling.encode_prompts(tok, [r["prompt"] for r in rows[: args.prompts]])
     stop = sampling.stop_ids(tok, model)
     pad = tok.pad_token_id
     params = sampling.SamplingParams(max_new_tokens=args.max_new_tokens)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align import backbone
+from align import backbone, sampling
 from align.errors import AlignError
 from align.rl import losses, rollout
 
@@ -232,7 +232,7 @@ class PPOTrainer:
         if reward_fn is None and models.score_head is None:
             raise AlignError("PPO needs a reward: a reward adapter (ppo.reward=<rm run dir>) or a judge")
         self.dist = dist or Dist.current()
-        self.stop_ids = rollout.eos_ids(tokenizer, models.policy)
+        self.stop_ids = sampling.stop_ids(tokenizer, models.policy)
         self.kl_ctl = losses.KLController(self.p.kl_coef, self.p.target_kl, self.p.kl_horizon)
         self.optimizer = torch.optim.AdamW(models.trainable, lr=self.t.lr, weight_decay=self.t.weight_decay)
         updates = self.t.max_steps * self.p.ppo_epochs * self.p.num_mini_batches
@@ -530,10 +530,9 @@ class PPOTrainer:
                 model, self.tokenizer, [r["prompt"] for r in rows], self.p, self.device, self.stop_ids
             )
         ro.columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-        scores, lengths = [self.score(ro)], [ro.mask.sum(1)]
         out = {
-            "score": torch.cat(scores).mean().item(),
-            "completion_length": torch.cat(lengths).mean().item(),
+            "score": self.score(ro).mean().item(),
+            "completion_length": ro.mask.sum(1).mean().item(),
         }
         return self.dist.mean(out, self.device)
 

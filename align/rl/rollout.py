@@ -82,15 +82,6 @@ class Rollout:
         }
 
 
-def render_prompt(tokenizer, prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-eos_ids = sampling.stop_ids
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -106,7 +97,7 @@ def generate(
     (adapter merged while sampling, finished rows leave the batch). ``batch_size=0``: all
     prompts in one batch where memory allows."""
     pad = tokenizer.pad_token_id
-    encoded = [tokenizer(render_prompt(tokenizer, x), add_special_tokens=False)["input_ids"] for x in prompts]
+    encoded = sampling.encode_prompts(tokenizer, prompts)
     done = sampling.sample(
         model,
         encoded,
@@ -120,21 +111,18 @@ def generate(
         autocast=autocast,
         progress=False,
     )
-    B, P, C = len(done), max(map(len, encoded)), max(len(c.ids) for c in done)
-    prompt_ids = torch.full((B, P), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((B, P), dtype=torch.long)
-    completion_ids = torch.full((B, C), pad, dtype=torch.long)
-    mask = torch.zeros((B, C))
-    for row, (x, c) in enumerate(zip(encoded, done, strict=True)):
-        prompt_ids[row, P - len(x) :] = torch.tensor(x, dtype=torch.long)
-        prompt_mask[row, P - len(x) :] = 1
+    prompt_ids, prompt_mask = sampling.left_pad(encoded, pad, device)
+    C = max(len(c.ids) for c in done)
+    completion_ids = torch.full((len(done), C), pad, dtype=torch.long)
+    mask = torch.zeros((len(done), C))
+    for row, c in enumerate(done):
         completion_ids[row, : len(c.ids)] = torch.tensor(c.ids, dtype=torch.long)
         mask[row, : len(c.ids)] = 1.0
     has_eos = torch.tensor([not c.truncated for c in done])
     texts = [tokenizer.decode(c.ids, skip_special_tokens=True) for c in done]
     return Rollout(
-        prompt_ids.to(device),
-        prompt_mask.to(device),
+        prompt_ids,
+        prompt_mask,
         completion_ids.to(device),
         mask.to(device),
         has_eos.to(device),

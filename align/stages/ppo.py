@@ -100,16 +100,12 @@ def _init_distributed(cfg) -> None:
 def _fitting_prompts(dataset, tokenizer, cfg) -> list[dict]:
     """Rows whose rendered prompt leaves room for ppo.max_new_tokens within model.max_length."""
     from align.errors import AlignError
-    from align.rl.rollout import render_prompt
+    from align.sampling import encode_prompts
 
     budget = cfg.model.max_length - cfg.ppo.max_new_tokens
     rows = [dict(r) for r in dataset]
-    keep = [
-        r
-        for r in rows
-        if len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"])
-        <= budget
-    ]
+    encoded = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    keep = [r for r, ids in zip(rows, encoded, strict=True) if len(ids) <= budget]
     if not keep:
         raise AlignError(
             f"no prompt fits in model.max_length={cfg.model.max_length} - ppo.max_new_tokens={cfg.ppo.max_new_tokens}"
