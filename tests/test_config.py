@@ -65,6 +65,14 @@ def test_adapter_group(adapter, kind, bits):
     assert cfg.adapter.kind.value == kind and cfg.adapter.bits == bits
 
 
+def test_dpo_lr_defaults_lower_from_an_sft_start_and_an_explicit_lr_wins():
+    # 5e-4 from the base; from an SFT adapter it collapsed the policy (README), so 5e-5 there
+    assert compose("stage=dpo").train.lr == pytest.approx(5e-4)
+    assert compose("stage=dpo", "dpo.init=/some/sft/run").train.lr == pytest.approx(5e-5)
+    assert compose("stage=dpo", "dpo.init=/some/sft/run", "train.lr=1e-3").train.lr == pytest.approx(1e-3)
+    assert compose("stage=dpo", "train.lr=2e-4").train.lr == pytest.approx(2e-4)
+
+
 def test_misspelt_key_names_the_key():
     with pytest.raises(ConfigCompositionException) as e:
         compose("train.lrr=1")
