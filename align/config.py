@@ -160,7 +160,8 @@ class DataConfig:
     eval_fraction: float = 0.05
     max_train_rows: int | None = None
     max_eval_rows: int | None = 16
-    split: str = "train"  # split to read from a hub dataset
+    split: str = "train"  # split to read from a hub dataset (or a local dataset directory)
+    subset: str | None = None  # the hub dataset's subset (config name), as load_dataset(name, subset)
     on_error: OnError = OnError.error  # what to do with a malformed or over-long row
 
 

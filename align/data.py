@@ -4,13 +4,14 @@ Files (.jsonl, .json, .parquet, .csv) or a hub dataset name go in; validated row
 shape TRL's trainers expect come out. Every malformed row fails with an AlignError that
 names the file, the line (or row) and the problem.
 
-Accepted row shapes:
+Accepted row shapes: the canonical columns below, or any layout align.formats detects
+and converts to them (HH-RLHF transcripts, UltraFeedback, ShareGPT, Alpaca, ...):
 
 * preference (dpo, rm): ``prompt`` + ``chosen`` + ``rejected``, each a string or a list
-  of ``{"role", "content"}`` messages; or ``chosen``/``rejected`` conversations that
-  share their leading turns (the shared turns become the prompt).
+  of ``{"role", "content"}`` messages, and an optional ``margin``.
 * sft: ``messages`` (the last assistant turn is the completion, the turns before it the
   prompt), ``prompt`` + ``completion``, or plain ``text``.
+* prompt (grpo, rloo, ppo, eval): ``prompt`` (+ ``constraints``, ``id``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align import formats
 from align.cache import cache_root
 from align.errors import AlignError
 
@@ -76,17 +78,20 @@ class Split:
 # --------------------------------------------------------------------------- reading
 
 
-def read_rows(source: str, split: str = "train") -> list[Row]:
-    """Raw rows of a file or hub dataset, each tagged with where it came from."""
+def read_rows(source: str, split: str = "train", subset: str | None = None) -> list[Row]:
+    """Raw rows of a file, a dataset directory or a hub dataset, each tagged with where it came from.
+
+    A directory is a local copy of a hub dataset (its data files, or ``save_to_disk`` output);
+    it goes through ``datasets`` like a hub name, with ``split`` and ``subset`` (its config)."""
     path = Path(source).expanduser()
     fmt, _ = file_format(path)
+    if path.is_dir():
+        return _read_dir(path, source, split, subset)
     if fmt or path.exists() or source.startswith((".", "/", "~")):
-        if path.is_dir():
-            raise AlignError(f"data file {source} is a directory; give a file ({ACCEPTED})")
         if not path.is_file():
             raise AlignError(f"data file not found: {source} (set data.train=<path to {ACCEPTED}>)")
         return _read_file(path)
-    return _read_hub(source, split)
+    return _read_hub(source, split, subset)
 
 
 def file_format(path: str | Path) -> tuple[str | None, str | None]:
@@ -374,14 +379,57 @@ def _parquet_rows(raw: bytes, name: str) -> list[Row]:
     return [Row(f"{name}: row {i}", r) for i, r in enumerate(records)]
 
 
-def _read_hub(name: str, split: str) -> list[Row]:
+SAVED = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
+def _read_dir(path: Path, source: str, split: str, subset: str | None) -> list[Row]:
+    if any((path / f).is_file() for f in SAVED):
+        from datasets import DatasetDict, load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - a damaged save: say which and why
+            raise AlignError(
+                f"{source}: not a readable saved dataset ({type(e).__name__}: {_first_line(e)})"
+            ) from None
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise AlignError(
+                    f"{source}: no split {split!r} (it has: {', '.join(ds)}); set data.split=<one of them>"
+                )
+            ds = ds[split]
+        return _dataset_rows(ds, f"{source}[{split}]")
+    files = [
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and file_format(p)[0]
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+    if not files:
+        raise AlignError(
+            f"data file {source} is a directory with no data files ({ACCEPTED}) and no saved dataset; "
+            "give a file, or a directory holding them"
+        )
+    return _read_hub(str(path), split, subset)
+
+
+def _read_hub(name: str, split: str, subset: str | None = None) -> list[Row]:
+    """Rows of ``datasets.load_dataset(name, subset, split=split)``: a hub name or a local dataset directory."""
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(name, split=split)
-    except Exception as e:  # offline, missing, gated: say what was asked for
-        raise AlignError(f"cannot load hub dataset {name!r} (split {split!r}): {e}") from None
-    return [Row(f"{name}[{split}]: row {i}", r) for i, r in enumerate(ds)]
+        ds = load_dataset(name, subset, split=split)
+    except Exception as e:  # offline, missing, gated, no such split or subset: say what was asked for
+        asked = f"split {split!r}" + (f", subset {subset!r}" if subset else "")
+        raise AlignError(
+            f"cannot load dataset {name!r} ({asked}; data.split / data.subset): {_first_line(e)}"
+        ) from None
+    return _dataset_rows(ds, f"{name}[{split}]" if not subset else f"{name}[{subset}/{split}]")
+
+
+def _dataset_rows(ds: Any, name: str) -> list[Row]:
+    return [Row(f"{name}: row {i}", r) for i, r in enumerate(ds)]
 
 
 # --------------------------------------------------------------------------- validation
@@ -438,24 +486,10 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _split_shared_prefix(row: Row, chosen: list[dict], rejected: list[dict]):
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    if n == 0:
-        raise AlignError(f"{row.where}: missing column 'prompt' (and chosen/rejected share no leading turns)")
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
 def preference_row(row: Row) -> dict[str, Any]:
     chosen = _text_or_messages(row, "chosen")
     rejected = _text_or_messages(row, "rejected")
-    if "prompt" in row.data:
-        prompt = _text_or_messages(row, "prompt")
-    elif isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, chosen, rejected = _split_shared_prefix(row, chosen, rejected)
-    else:
-        raise AlignError(f"{row.where}: missing column 'prompt'")
+    prompt = _text_or_messages(row, "prompt")  # an implicit prompt was made explicit by align.formats
     if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(
         rejected, list
     ):
@@ -525,18 +559,30 @@ def validate_rows(rows: list[Row], kind: str) -> list[dict[str, Any]]:
     return [d for _, d in _validated(rows, kind, skip=False, dropped=[])]
 
 
-def _validated(rows: list[Row], kind: str, *, skip: bool, dropped: list[str]) -> list[tuple[str, dict]]:
+def _validated(
+    rows: list[Row], kind: str, *, skip: bool, dropped: list[str], report: dict[str, Any] | None = None
+) -> list[tuple[str, dict]]:
     """(where, row) pairs; with ``skip`` a malformed row is dropped and noted in ``dropped``.
 
+    The file's layout is detected first (align.formats) and each row converted from it to
+    the canonical columns; ``report`` (if given) gets the format's name and the row counts.
     Every kept row has the columns of the first, each holding the same form (text or messages):
     one dataset column cannot hold both, and a trainer cannot tokenize a mix.
     """
+    # ---- format hook (align/formats.py): which layout the file is in, and each row in canonical columns
+    fmt = formats.detect(rows, kind)  # refuses a file that matches no format or several
+
+    def canonical(r: Row) -> Row:
+        return Row(r.where, formats.convert(r, fmt))
+
+    # ---- end of the format hook
     convert = CONVERTERS[kind]
     out: list[tuple[str, dict]] = []
     first: tuple[str, dict[str, str]] | None = None
+    skipped = 0
     for r in rows:
         try:
-            row = convert(r)
+            row = convert(canonical(r))
             shape = {k: _form(v) for k, v in row.items()}
             if first is None:
                 first = (r.where, shape)
@@ -550,6 +596,9 @@ def _validated(rows: list[Row], kind: str, *, skip: bool, dropped: list[str]) ->
             if not skip:
                 raise
             dropped.append(str(e))
+            skipped += 1
+    if report is not None:
+        report.update(format=fmt.name, read=len(rows), converted=len(out), skipped=skipped)
     return out
 
 
@@ -634,14 +683,21 @@ def load(
     """
     skip = str(getattr(data_cfg.on_error, "value", data_cfg.on_error)) == "skip"
     dropped: list[str] = []
+    eval_report: dict[str, Any] = {}
     train_src, eval_src = source_paths(data_cfg, kind)
-    train_rows = _validated(read_rows(train_src, data_cfg.split), kind, skip=skip, dropped=dropped)
+    subset = getattr(data_cfg, "subset", None)
+    train_report: dict[str, Any] = {}
+    train_rows = _validated(
+        read_rows(train_src, data_cfg.split, subset), kind, skip=skip, dropped=dropped, report=train_report
+    )
     if not train_rows:
         raise AlignError(f"{train_src}: no rows" + (f" left ({len(dropped)} dropped)" if dropped else ""))
     rng = random.Random(seed)
     rng.shuffle(train_rows)
     if eval_src:
-        eval_rows = _validated(read_rows(eval_src, data_cfg.split), kind, skip=skip, dropped=dropped)
+        eval_rows = _validated(
+            read_rows(eval_src, data_cfg.split, subset), kind, skip=skip, dropped=dropped, report=eval_report
+        )
     elif data_cfg.eval_fraction > 0 and len(train_rows) >= 2:
         n_eval = max(1, round(len(train_rows) * data_cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
@@ -659,9 +715,12 @@ def load(
         raise AlignError(f"{train_src}: no usable rows ({len(dropped)} dropped; first: {dropped[0]})")
     info = {"train": train_src, "eval": eval_src or f"{data_cfg.eval_fraction:.0%} of train"}
     info |= {"train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    info |= _format_info(train_report, eval_report)
     if dropped:
         info["dropped_rows"] = len(dropped)
-        if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"align: data: {format_line(info)}", file=sys.stderr, flush=True)
+        if dropped:
             print(
                 f"align: data: dropped {len(dropped)} row(s) (data.on_error=skip); first: {dropped[0]}",
                 file=sys.stderr,
@@ -670,6 +729,28 @@ def load(
     return Split(
         train=cached_dataset(train_rows), eval=cached_dataset(eval_rows) if eval_rows else None, info=info
     )
+
+
+def _format_info(train: dict[str, Any], held_out: dict[str, Any]) -> dict[str, Any]:
+    """What artifact.json records of the detected formats and the rows read, converted and skipped.
+
+    ``rows_skipped`` counts the rows that failed conversion or validation (data.on_error=skip);
+    ``dropped_rows`` also counts the rows dropped later for an over-long prompt."""
+    out: dict[str, Any] = {"format": train["format"]}
+    if held_out and held_out["format"] != train["format"]:
+        out["eval_format"] = held_out["format"]
+    for key in ("read", "converted", "skipped"):
+        out[f"rows_{key}"] = train[key] + held_out.get(key, 0)
+    return out
+
+
+def format_line(info: dict[str, Any]) -> str:
+    """One line for the console: ``<file>: format hh-rlhf; 160 rows read, 157 converted, 3 skipped``."""
+    fmt = info["format"] + (f" (held-out file: {info['eval_format']})" if "eval_format" in info else "")
+    skipped = info.get("rows_skipped", 0)
+    counts = f"{info['rows_read']} rows read, {info['rows_converted']} converted"
+    counts += f", {skipped} skipped (data.on_error=skip)" if skipped else ""
+    return f"{info['train']}: format {fmt}; {counts}"
 
 
 def cached_dataset(rows: list[dict[str, Any]]):

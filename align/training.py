@@ -150,7 +150,7 @@ def finish(
             metrics=metrics,
             tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
         )
-        print(summary_text(ctx, metrics, headline, elapsed, next_hint), flush=True)
+        print(summary_text(ctx, metrics, headline, elapsed, next_hint, data_info), flush=True)
     return metrics
 
 
@@ -161,7 +161,12 @@ def _fmt(v: float) -> str:
 
 
 def summary_text(
-    ctx: StageContext, metrics: dict, headline: list[str], elapsed: float, next_hint: str | None
+    ctx: StageContext,
+    metrics: dict,
+    headline: list[str],
+    elapsed: float,
+    next_hint: str | None,
+    data_info: dict[str, Any] | None = None,
 ) -> str:
     m, s = divmod(int(math.ceil(elapsed)), 60)
     lines = [
@@ -173,6 +178,10 @@ def summary_text(
         lines.append(f"  adapter  {ctx.run_dir / ADAPTER_DIR}")
     if (ctx.run_dir / "report.md").is_file():
         lines.append(f"  report   {ctx.run_dir / 'report.md'}")
+    if data_info and "format" in data_info:  # what data.load detected and converted
+        from align.data import format_line
+
+        lines.append(f"  data     {format_line(data_info)}")
     shown = [k for k in headline if k in metrics]
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
