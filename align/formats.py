@@ -11,8 +11,9 @@
 A file is detected from the columns its rows have (a null counts as absent): each row
 matches the formats whose required columns it has; a format whose columns include
 another's wins over it (``prompt``/``chosen``/``rejected`` beats the implicit-prompt
-``chosen``/``rejected``), plain ``text`` only applies when nothing else does, and the
-HH-RLHF transcript layout refines the implicit-prompt one by the rows' values. The layout
+``chosen``/``rejected``), rating columns make a pair UltraFeedback with or without a
+``prompt``, plain ``text`` only applies when nothing else does, and the HH-RLHF
+transcript layout refines the implicit-prompt one by the rows' values. The layout
 most rows match is the file's; a row that does not fit it is a bad row naming its line.
 A file whose rows mostly match no format, or several, is refused with the accepted list.
 
@@ -45,6 +46,7 @@ class Format:
     canonical: bool = False  # rows already have the canonical columns: nothing is converted
     fallback: bool = False  # applies only when no other format matches (plain ``text``)
     looks: Callable[[dict[str, Any]], bool] | None = None  # refines a format with the same columns
+    beats: tuple[str, ...] = ()  # formats this one wins over where both match
 
 
 # --------------------------------------------------------------------------- helpers
@@ -203,14 +205,17 @@ def _rating(row: Any, key: str) -> float:
 
 def _ultrafeedback(chosen_key: str, rejected_key: str) -> Callable[[Any], dict[str, Any]]:
     def convert(row: Any) -> dict[str, Any]:
-        prompt = _get(row, "prompt")
         chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
-        if isinstance(chosen, list) and isinstance(rejected, list) and _shared_turns(chosen, rejected):
-            prompt, chosen, rejected = _split_turns(
-                row, chosen, rejected
-            )  # the conversations hold the prompt
-        elif isinstance(chosen, list) and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
+        if "prompt" not in row.data:  # e.g. trl-lib/ultrafeedback_binarized: the prompt is implicit
+            pair = _implicit(row)
+            prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+        elif isinstance(chosen, list) and isinstance(rejected, list) and _shared_turns(chosen, rejected):
+            # the conversations hold the prompt (the 'prompt' column repeats it)
+            prompt, chosen, rejected = _split_turns(row, chosen, rejected)
+        else:
+            prompt = _get(row, "prompt")
+            if isinstance(chosen, list) and isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
         good, bad = _rating(row, chosen_key), _rating(row, rejected_key)
         if good < bad:
             raise AlignError(
@@ -309,16 +314,18 @@ FORMATS: tuple[Format, ...] = (
     Format(
         "ultrafeedback",
         "preference",
-        ("prompt", "chosen", "rejected", "chosen-rating", "rejected-rating"),
+        ("chosen", "rejected", "chosen-rating", "rejected-rating"),
         '{"prompt": "...", "chosen": [...], "rejected": [...], "chosen-rating": 5, "rejected-rating": 2}',
         _ultrafeedback("chosen-rating", "rejected-rating"),
+        beats=("prompt-chosen-rejected", "implicit-prompt", "hh-rlhf"),
     ),
     Format(
         "ultrafeedback-scores",
         "preference",
-        ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"),
+        ("chosen", "rejected", "score_chosen", "score_rejected"),
         '{"prompt": "...", "chosen": [...], "rejected": [...], "score_chosen": 8.5, "score_rejected": 6.0}',
         _ultrafeedback("score_chosen", "score_rejected"),
+        beats=("prompt-chosen-rejected", "implicit-prompt", "hh-rlhf"),
     ),
     Format(
         "prompt-completion",
@@ -384,7 +391,9 @@ def matching(data: dict[str, Any], kind: str) -> tuple[str, ...]:
     keep = []
     for f in cands:
         beaten = any(
-            set(f.columns) < set(g.columns) or (set(f.columns) == set(g.columns) and g.looks and not f.looks)
+            set(f.columns) < set(g.columns)
+            or (set(f.columns) == set(g.columns) and g.looks and not f.looks)
+            or f.name in g.beats
             for g in cands
             if g is not f
         )

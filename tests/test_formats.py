@@ -170,6 +170,17 @@ def test_ultrafeedback_ratings_become_the_margin(tmp_path):
     rows, report = _load(tmp_path / "uf.csv")
     assert report["format"] == "ultrafeedback-scores"
     assert rows[1] == {"prompt": "q1", "chosen": "good 1", "rejected": "bad 1", "margin": 1.5}
+    implicit = [  # trl-lib/ultrafeedback_binarized: no prompt column, the conversations hold it
+        {
+            "chosen": r["prompt"] + r["chosen"],
+            "rejected": r["prompt"] + r["rejected"],
+            "score_chosen": 9,
+            "score_rejected": 4,
+        }
+        for r in CANON_PAIRS
+    ]
+    rows, report = _load(write_jsonl(tmp_path / "trl.jsonl", implicit))
+    assert report["format"] == "ultrafeedback-scores" and rows == [r | {"margin": 5.0} for r in CANON_PAIRS]
     flipped = raw[:1] + [raw[1] | {"chosen-rating": 1}]
     assert "uf2.jsonl:2: 'chosen-rating' (1) is below 'rejected-rating' (2.5)" in _err(
         write_jsonl(tmp_path / "uf2.jsonl", flipped)
