@@ -379,7 +379,7 @@ def _parquet_rows(raw: bytes, name: str) -> list[Row]:
     return [Row(f"{name}: row {i}", r) for i, r in enumerate(records)]
 
 
-SAVED = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+SAVED = ("state.json", "dataset_dict.json")  # what Dataset / DatasetDict.save_to_disk write
 
 
 def _read_dir(path: Path, source: str, split: str, subset: str | None) -> list[Row]:
@@ -748,8 +748,10 @@ def format_line(info: dict[str, Any]) -> str:
     """One line for the console: ``<file>: format hh-rlhf; 160 rows read, 157 converted, 3 skipped``."""
     fmt = info["format"] + (f" (held-out file: {info['eval_format']})" if "eval_format" in info else "")
     skipped = info.get("rows_skipped", 0)
+    too_long = info.get("dropped_rows", 0) - skipped
     counts = f"{info['rows_read']} rows read, {info['rows_converted']} converted"
     counts += f", {skipped} skipped (data.on_error=skip)" if skipped else ""
+    counts += f", {too_long} dropped for a prompt over model.max_length" if too_long > 0 else ""
     return f"{info['train']}: format {fmt}; {counts}"
 
 

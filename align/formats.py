@@ -41,7 +41,6 @@ class Format:
     name: str  # recorded in artifact.json ("format") and printed in the run summary
     kind: str  # row kind: preference | sft | prompt
     columns: tuple[str, ...]  # required columns
-    example: str  # one short example row, for messages and the README
     convert: Callable[[Any], dict[str, Any]]  # raw Row -> canonical columns (validated by data.py)
     canonical: bool = False  # rows already have the canonical columns: nothing is converted
     fallback: bool = False  # applies only when no other format matches (plain ``text``)
@@ -292,7 +291,6 @@ FORMATS: tuple[Format, ...] = (
         "prompt-chosen-rejected",
         "preference",
         ("prompt", "chosen", "rejected"),
-        '{"prompt": "Name a river.", "chosen": "The Nile.", "rejected": "Everest."}',
         _explicit,
         canonical=True,
     ),
@@ -300,14 +298,12 @@ FORMATS: tuple[Format, ...] = (
         "implicit-prompt",
         "preference",
         ("chosen", "rejected"),
-        '{"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [...]}',
         _implicit,
     ),
     Format(
         "hh-rlhf",
         "preference",
         ("chosen", "rejected"),
-        '{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}',
         _hh,
         looks=_looks_hh,
     ),
@@ -315,7 +311,6 @@ FORMATS: tuple[Format, ...] = (
         "ultrafeedback",
         "preference",
         ("chosen", "rejected", "chosen-rating", "rejected-rating"),
-        '{"prompt": "...", "chosen": [...], "rejected": [...], "chosen-rating": 5, "rejected-rating": 2}',
         _ultrafeedback("chosen-rating", "rejected-rating"),
         beats=("prompt-chosen-rejected", "implicit-prompt", "hh-rlhf"),
     ),
@@ -323,7 +318,6 @@ FORMATS: tuple[Format, ...] = (
         "ultrafeedback-scores",
         "preference",
         ("chosen", "rejected", "score_chosen", "score_rejected"),
-        '{"prompt": "...", "chosen": [...], "rejected": [...], "score_chosen": 8.5, "score_rejected": 6.0}',
         _ultrafeedback("score_chosen", "score_rejected"),
         beats=("prompt-chosen-rejected", "implicit-prompt", "hh-rlhf"),
     ),
@@ -331,7 +325,6 @@ FORMATS: tuple[Format, ...] = (
         "prompt-completion",
         "sft",
         ("prompt", "completion"),
-        '{"prompt": "Name a river.", "completion": "The Nile."}',
         lambda row: _pick(row, ("prompt", "completion")),
         canonical=True,
     ),
@@ -339,28 +332,24 @@ FORMATS: tuple[Format, ...] = (
         "messages",
         "sft",
         ("messages",),
-        '{"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", ...}]}',
         _messages,
     ),
     Format(
         "sharegpt",
         "sft",
         ("conversations",),
-        '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}',
         _sharegpt,
     ),
     Format(
         "alpaca",
         "sft",
         ("instruction", "output"),
-        '{"instruction": "Translate.", "input": "water", "output": "eau"}',
         _alpaca,
     ),
     Format(
         "text",
         "sft",
         ("text",),
-        '{"text": "a document to continue"}',
         lambda row: _pick(row, ("text",)),
         canonical=True,
         fallback=True,
@@ -369,7 +358,6 @@ FORMATS: tuple[Format, ...] = (
         "prompt",
         "prompt",
         ("prompt",),
-        '{"prompt": "Write about bees.", "constraints": [...]}',
         lambda row: row.data,
         canonical=True,
     ),

@@ -393,25 +393,39 @@ def test_rm_trains_on_hh_transcripts_and_reports_the_format(tiny_model, tmp_path
 
     from align.stages import execute
 
-    rows = [
-        {
-            "chosen": _hh(("Human", f"Name river {i}."), ("Assistant", "The water river.")),
-            "rejected": _hh(("Human", f"Name river {i}."), ("Assistant", ""))
-            if i == 5
-            else _hh(("Human", f"Name river {i}."), ("Assistant", "bad")),
+    def pair(human: str, bad: str) -> dict:
+        return {
+            "chosen": _hh(("Human", human), ("Assistant", "The water river.")),
+            "rejected": _hh(("Human", human), ("Assistant", bad)),
         }
-        for i in range(6)
-    ]
+
+    rows = [pair(f"Name river {i}.", "bad") for i in range(6)]
+    rows.append(pair("Name a river.", ""))  # empty response: skipped
+    rows.append(pair(" ".join(["water bees honey river"] * 60), "bad"))  # over model.max_length=128: dropped
     p = write_jsonl(tmp_path / "hh.jsonl", rows)
     cfg = compose(
         "stage=rm",
         *tiny_overrides(
-            tiny_model, f"data.train={p}", "train.max_steps=1", "data.on_error=skip", "data.eval_fraction=0"
+            tiny_model,
+            f"data.train={p}",
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "data.on_error=skip",
+            "data.eval_fraction=0",
         ),
     )
     execute(cfg, tmp_path / "run")
-    manifest = json.loads((tmp_path / "run" / "artifact.json").read_text())
-    assert manifest["data"]["format"] == "hh-rlhf"
-    assert (manifest["data"]["rows_converted"], manifest["data"]["rows_skipped"]) == (5, 1)
-    out = capsys.readouterr().out
-    assert f"  data     {p}: format hh-rlhf; 6 rows read, 5 converted, 1 skipped (data.on_error=skip)" in out
+    info = json.loads((tmp_path / "run" / "artifact.json").read_text())["data"]
+    assert info["format"] == "hh-rlhf" and info["train_rows"] == 6
+    assert (info["rows_read"], info["rows_converted"], info["rows_skipped"], info["dropped_rows"]) == (
+        8,
+        7,
+        1,
+        2,
+    )
+    line = (
+        f"{p}: format hh-rlhf; 8 rows read, 7 converted, 1 skipped (data.on_error=skip), "
+        "1 dropped for a prompt over model.max_length"
+    )
+    captured = capsys.readouterr()
+    assert f"align: data: {line}" in captured.err and f"  data     {line}" in captured.out
