@@ -51,10 +51,6 @@ class Format:
 # --------------------------------------------------------------------------- helpers
 
 
-def _where(row: Any) -> str:
-    return row.where
-
-
 def _have(row: Any) -> str:
     return ", ".join(sorted(map(str, row.data))) or "nothing"
 
@@ -93,10 +89,8 @@ def _role(m: Any) -> str:
     return str(m.get("role")) if isinstance(m, dict) else "?"
 
 
-def _split_turns(row: Any, chosen: list, rejected: list) -> tuple[list, list, list]:
-    """(prompt, chosen response, rejected response) of two conversations: the prompt is
-    their shared leading messages; what follows must be the responses (no user/system turn)."""
-    n = _shared_turns(chosen, rejected)
+def _responses_only(row: Any, chosen: list, rejected: list, n: int) -> None:
+    """Refuse a pair whose messages after the shared ``n`` hold a user or system turn: its prompts differ."""
     for rest in (chosen[n:], rejected[n:]):
         for i, m in enumerate(rest, start=n):
             if _role(m) in ("user", "system"):
@@ -104,6 +98,13 @@ def _split_turns(row: Any, chosen: list, rejected: list) -> tuple[list, list, li
                     f"{row.where}: the prompts of 'chosen' and 'rejected' differ (message {i}, {_role(m)}, "
                     "is not the same in both); a pair must answer the same prompt"
                 )
+
+
+def _split_turns(row: Any, chosen: list, rejected: list) -> tuple[list, list, list]:
+    """(prompt, chosen response, rejected response) of two conversations: the prompt is
+    their shared leading messages; what follows must be the responses (no user/system turn)."""
+    n = _shared_turns(chosen, rejected)
+    _responses_only(row, chosen, rejected, n)
     if n == 0:
         raise AlignError(
             f"{row.where}: 'chosen' and 'rejected' share no leading messages, so there is no prompt; "
@@ -213,6 +214,8 @@ def _ultrafeedback(chosen_key: str, rejected_key: str) -> Callable[[Any], dict[s
             prompt, chosen, rejected = _split_turns(row, chosen, rejected)
         else:
             prompt = _get(row, "prompt")
+            if isinstance(chosen, list) and isinstance(rejected, list):
+                _responses_only(row, chosen, rejected, 0)  # e.g. [user A, assistant] vs [user B, assistant]
             if isinstance(chosen, list) and isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}]
         good, bad = _rating(row, chosen_key), _rating(row, rejected_key)
@@ -268,7 +271,30 @@ def _sharegpt(row: Any) -> dict[str, Any]:
         if not value.strip():
             raise AlignError(f"{row.where}: conversations[{i}] ({who}) value is empty")
         msgs.append({"role": role, "content": value})
-    return {"messages": msgs}
+    return {"messages": _system(row) + msgs}
+
+
+def _system(row: Any) -> list[dict[str, str]]:
+    """A row-level ``system`` column (LLaMA-Factory's alpaca and sharegpt layouts) as a system turn."""
+    system = row.data.get("system")
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return []
+    if not isinstance(system, str):
+        raise AlignError(f"{row.where}: 'system' must be a string, not {type(system).__name__}")
+    return [{"role": "system", "content": system}]
+
+
+def _history(row: Any) -> list[dict[str, str]]:
+    """Alpaca's optional ``history``: earlier [instruction, response] rounds, as turns."""
+    history = row.data.get("history")
+    if history is None:
+        return []
+    turns = []
+    for i, pair in enumerate(history if isinstance(history, list) else [None]):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise AlignError(f"{row.where}: history[{i}] must be an [instruction, response] pair of strings")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 def _alpaca(row: Any) -> dict[str, Any]:
@@ -280,7 +306,8 @@ def _alpaca(row: Any) -> dict[str, Any]:
         if not value.strip():
             raise AlignError(f"{row.where}: {key!r} is empty")
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]}
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return {"messages": _system(row) + _history(row) + turns}
 
 
 # --------------------------------------------------------------------------- the table

@@ -181,6 +181,10 @@ def test_ultrafeedback_ratings_become_the_margin(tmp_path):
     ]
     rows, report = _load(write_jsonl(tmp_path / "trl.jsonl", implicit))
     assert report["format"] == "ultrafeedback-scores" and rows == [r | {"margin": 5.0} for r in CANON_PAIRS]
+    other_prompt = raw[:1] + [raw[1] | {"rejected": [U("another question"), A("no")]}]
+    assert "uf3.jsonl:2: the prompts of 'chosen' and 'rejected' differ (message 0, user" in _err(
+        write_jsonl(tmp_path / "uf3.jsonl", other_prompt)
+    )
     flipped = raw[:1] + [raw[1] | {"chosen-rating": 1}]
     assert "uf2.jsonl:2: 'chosen-rating' (1) is below 'rejected-rating' (2.5)" in _err(
         write_jsonl(tmp_path / "uf2.jsonl", flipped)
@@ -219,6 +223,10 @@ def test_sft_sharegpt_conversations(tmp_path):
     ]
     rows, report = _load(write_jsonl(tmp_path / "sg.jsonl", raw), "sft")
     assert rows == CHAT and report["format"] == "sharegpt"
+    system_column = [{"system": "Be brief.", "conversations": r["conversations"][1:]} for r in raw]
+    assert (
+        _load(write_jsonl(tmp_path / "lf.jsonl", system_column), "sft")[0] == CHAT
+    )  # LLaMA-Factory's layout
     raw[1]["conversations"][1]["from"] = "bot"
     assert "sg2.jsonl:2: conversations[1] has unknown 'from' 'bot'; use human, gpt or system" in _err(
         write_jsonl(tmp_path / "sg2.jsonl", raw), "sft"
@@ -237,6 +245,9 @@ def test_sft_alpaca(tmp_path):
     assert report["format"] == "alpaca"
     assert rows[0] == {"prompt": [U("Translate to French.")], "completion": [A("eau 0")]}
     assert rows[1] == {"prompt": [U("Translate to French.\n\nwater 1")], "completion": [A("eau 1")]}
+    llama_factory = raw[1] | {"system": "Be brief.", "history": [["Hi.", "Hello."]]}
+    (row,), _ = _load(write_jsonl(tmp_path / "lf.jsonl", [llama_factory]), "sft")
+    assert row["prompt"] == [S("Be brief."), U("Hi."), A("Hello."), U("Translate to French.\n\nwater 1")]
     raw[1]["output"] = " "
     assert "al2.jsonl:2: 'output' is empty" in _err(write_jsonl(tmp_path / "al2.jsonl", raw), "sft")
 
