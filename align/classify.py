@@ -348,6 +348,12 @@ def predict(
 # --------------------------------------------------------------------------- metrics
 
 
+def eval_loss(probs: torch.Tensor, y: Sequence[int]) -> float:
+    """Mean cross-entropy (no focal term, no weights) of the predicted probabilities."""
+    p = probs.float()[torch.arange(len(y)), torch.tensor(list(y), dtype=torch.long)]
+    return float(-(p.clamp_min(1e-12).log()).mean())
+
+
 def tuned_threshold(y: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
     """(threshold, F1): the score threshold (predict positive at ``score >= threshold``) that
     maximises F1 on (y, scores); ties go to the higher threshold. No positives: (0.5, 0)."""

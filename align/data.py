@@ -46,6 +46,7 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 ACCEPTED = ".jsonl/.json/.csv/.parquet, optionally compressed as .gz/.bz2/.xz/.zst"
 
 # (data.name, row kind) -> (train file, held-out file or None) under reward_data/
+# (classify rows: under classify_data/)
 SHIPPED = {
     ("ifeval", "sft"): ("sft_train.jsonl", None),
     ("ifeval", "preference"): ("pairs_train.jsonl", "pairs_test.jsonl"),
@@ -64,6 +65,15 @@ def reward_data_dir() -> Path:
         if (cand / "pairs_train.jsonl").is_file():
             return cand
     raise AlignError("the shipped reward_data/ directory is missing from this installation; reinstall align")
+
+
+def classify_data_dir() -> Path:
+    """The shipped code-defect set: classify_data/ in a checkout, align/classify_data in a wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "classify_data", here.parent / "classify_data"):
+        if (cand / "defects_train.jsonl").is_file():
+            return cand
+    raise AlignError("the shipped classify_data/ directory is missing from this installation; reinstall align")
 
 
 @dataclass
@@ -719,7 +729,7 @@ def source_paths(data_cfg: Any, kind: str) -> tuple[str, str | None]:
             f"data.name={data_cfg.name!r} has no {kind} data; use one of {', '.join(names)} or set data.train=<file>"
         )
     train, held_out = SHIPPED[key]
-    base = reward_data_dir()
+    base = classify_data_dir() if kind == "classify" else reward_data_dir()
     return str(base / train), data_cfg.eval or (str(base / held_out) if held_out else None)
 
 

@@ -336,3 +336,21 @@ def test_cli_bad_row_is_a_file_line_error(tiny_model, tmp_path):
     r = _cli("stage=classify", *tiny_overrides(tiny_model, f"data.train={f}"), tmp_path=tmp_path)
     assert r.returncode == 2 and "t.jsonl:2: missing column 'label'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora", "dora", "none"])
+def test_the_head_is_trainable_with_every_adapter_kind(tiny_model, adapter):
+    from align import backbone
+
+    cfg = compose("stage=classify", *tiny_overrides(tiny_model, f"adapter={adapter}"))
+    bb = backbone.build(cfg, task="seq_cls", num_labels=3)
+    model = backbone.apply_adapter(bb.model, cfg, bb.peft_config, bb.runtime)
+    head = {n: p for n, p in model.named_parameters() if "score" in n and p.requires_grad}
+    assert head and all(p.shape[0] == 3 and p.dtype == torch.float32 for p in head.values()), head.keys()
+    if adapter != "none":
+        assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    batch = classify.collate([{"input_ids": [5, 6, 7], "label": 2}, {"input_ids": [8], "label": 0}], 3)
+    loss = classify.classification_loss(class_logits := classify.class_logits(model, batch), batch["labels"])
+    loss.backward()
+    assert class_logits.shape == (2, 3)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.values())

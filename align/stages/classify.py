@@ -68,7 +68,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             max_length=max_len,
         )
         ev, details = classify.metrics(held.labels, probs, labels, c.threshold)
-        metrics |= ev | training.evaluate(trainer)
+        metrics |= ev | {"eval/loss": classify.eval_loss(probs, held.labels)}
         if c.predictions and training.is_main_process():
             classify.write_predictions(
                 ctx.run_dir / classify.PREDICTIONS_FILE, held.ids, held.labels, probs, labels, details["threshold"]
