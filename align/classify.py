@@ -225,24 +225,43 @@ class Collator:
 # --------------------------------------------------------------------------- the model
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _unwrap(model):
+    """The PeftModel / transformers model under DDP, DeepSpeed or torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def head_module(model):
+    """The classification head (``score``; ``classifier`` on some architectures)."""
+    inner = _unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        if head is not None:
+            return head
+    raise AlignError(f"{type(base).__name__} has no classification head (score/classifier); use a decoder LM")
 
 
 def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(examples, classes) logits: the head applied to each example's last-token hidden state."""
-    base = _base(model)
-    decoder = getattr(base, base.base_model_prefix)
+    """(examples, classes) logits: the head's output at each example's last token.
+
+    The model is called as a whole (so DDP / FSDP / DeepSpeed wrappers see the forward), and
+    the head's per-token output is taken with a forward hook: transformers' own pooling reads
+    the last non-pad token of each row, which is neither right for packed rows nor when the
+    pad token is the EOS that ends every text.
+    """
+    captured: list[torch.Tensor] = []
+    hook = head_module(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
-    hidden = decoder(**kwargs).last_hidden_state
-    last = hidden[batch["row_index"], batch["last_index"]]
-    head = base.score
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.dtype.is_floating_point and last.dtype != weight.dtype:
-        last = last.to(weight.dtype)
-    return head(last).float()
+    try:
+        model(**kwargs)
+    finally:
+        hook.remove()
+    per_token = captured[-1]
+    return per_token[batch["row_index"], batch["last_index"]].float()
 
 
 def classification_loss(

@@ -354,3 +354,41 @@ def test_the_head_is_trainable_with_every_adapter_kind(tiny_model, adapter):
     loss.backward()
     assert class_logits.shape == (2, 3)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.values())
+
+
+# --------------------------------------------------------------------------- the shipped set
+
+
+def _shipped(name: str) -> list[dict]:
+    return [json.loads(x) for x in (REPO / "classify_data" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_shipped_code_defect_set_is_as_documented(tmp_path):
+    sizes = {"defects_train": (2000, 0.5), "defects_test": (400, 0.5),
+             "defects_imbalanced_train": (2000, 0.1), "defects_imbalanced_test": (400, 0.1)}
+    for name, (n, pos) in sizes.items():
+        rows = _shipped(name)
+        assert len(rows) == n and sum(r["label"] for r in rows) == round(n * pos), name
+        assert {r["language"] for r in rows} == {"python", "c"}
+        assert len({r["category"] for r in rows}) == 5
+        assert len({r["text"] for r in rows}) == n  # no duplicates
+        # rows load through the classify row kind
+        assert len(data.validate_rows(data.read_rows(str(REPO / "classify_data" / f"{name}.jsonl")), "classify")) == n
+    train_t = {r["template"] for r in _shipped("defects_train")}
+    test_t = {r["template"] for r in _shipped("defects_test")}
+    assert train_t and test_t and not train_t & test_t  # held-out templates
+    lengths = sorted(len(r["text"]) for r in _shipped("defects_train"))
+    assert lengths[-1] > 8 * lengths[len(lengths) // 2]  # a long tail
+    # the generator is seeded: it reproduces the shipped files byte for byte
+    subprocess.run([sys.executable, str(REPO / "classify_data" / "generate.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in sizes:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (REPO / "classify_data" / f"{name}.jsonl").read_bytes()
+
+
+def test_stage_defaults_to_the_shipped_set():
+    cfg = compose("stage=classify")
+    assert cfg.data.name == "defects" and cfg.classify.loss.value == "ce"
+    assert data.source_paths(cfg.data, "classify")[0].endswith("classify_data/defects_train.jsonl")
+    assert compose("stage=classify", "data=defects_imbalanced").data.name == "defects_imbalanced"
+    assert compose("stage=dpo").data.name == "ifeval"  # other stages keep their data
