@@ -28,14 +28,19 @@ def run(ctx: StageContext) -> dict[str, float]:
     from transformers import TrainingArguments
 
     cfg, c = ctx.cfg, ctx.cfg.classify
-    split = data.load(cfg.data, "classify", seed=cfg.seed, needed_train_rows=training.needed_train_rows(cfg))
-    train_rows, eval_rows = list(split.train), list(split.eval) if split.eval is not None else []
-    labels = classify.LabelMap.from_labels([r["label"] for r in train_rows], c.labels)
+    # every training row (shuffled): the label set and class frequencies are the file's, even
+    # when train.max_steps uses only the first rows
+    split = data.load(cfg.data, "classify", seed=cfg.seed)
+    all_rows, eval_rows = list(split.train), list(split.eval) if split.eval is not None else []
+    labels = classify.LabelMap.from_labels([r["label"] for r in all_rows], c.labels)
+    all_ids = [labels.id(r["label"], r["where"]) for r in all_rows]
+    class_weights = classify.class_weights_for(c.class_weights, all_ids, labels.num_labels)
+    train_rows = all_rows[: training.needed_train_rows(cfg)]
+    split.info["train_rows"] = len(train_rows)
     tokenizer = backbone.tokenizer_for(cfg)
     truncate, max_len = c.truncate.value, cfg.model.max_length
     train = classify.encode(train_rows, tokenizer, labels, max_len, truncate)
     held = classify.encode(eval_rows, tokenizer, labels, max_len, truncate)  # unknown labels fail here
-    class_weights = classify.class_weights_for(c.class_weights, train.labels, labels.num_labels)
 
     bb = backbone.build(cfg, task="seq_cls", num_labels=labels.num_labels)
     model = backbone.apply_adapter(bb.model, cfg, bb.peft_config, bb.runtime)
