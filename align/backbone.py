@@ -588,9 +588,7 @@ def apply_adapter(model, cfg: Any, pcfg: Any, rt: Runtime):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.adapter.bits:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=rt.gradient_checkpointing
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=rt.gradient_checkpointing)
     return get_peft_model(model, pcfg)
 
 
@@ -608,7 +606,9 @@ def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num
         cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
         model = cls.from_pretrained(adapter_dir, dtype=rt.dtype, use_safetensors=True).to(rt.device)
     else:
-        base = load_base_model(resolve_model_path(cfg.model, cfg.adapter), cfg, rt, task, num_labels=num_labels)
+        base = load_base_model(
+            resolve_model_path(cfg.model, cfg.adapter), cfg, rt, task, num_labels=num_labels
+        )
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
         model = load_adapter(base, adapter_dir, trainable=False)

@@ -110,7 +110,11 @@ class Encoded:
 
 
 def encode(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, labels: LabelMap, max_length: int, truncate: str = "middle"
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    labels: LabelMap,
+    max_length: int,
+    truncate: str = "middle",
 ) -> Encoded:
     """Token ids of each row's text (+ EOS), at most ``max_length``; labels as ids."""
     eos = tokenizer.eos_token_id
@@ -353,7 +357,10 @@ def predict(
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             batch = collate(
-                [{"input_ids": enc_ids[i], "label": 0} for i in idx], pad_id, packing=packing, max_length=max_length
+                [{"input_ids": enc_ids[i], "label": 0} for i in idx],
+                pad_id,
+                packing=packing,
+                max_length=max_length,
             )
             batch = {k: v.to(device) for k, v in batch.items()}
             probs = class_logits(model, batch).softmax(-1).cpu()
@@ -382,7 +389,10 @@ def tuned_threshold(y: Sequence[int], scores: Sequence[float]) -> tuple[float, f
         return 0.5, 0.0
     precision, recall, thresholds = precision_recall_curve(list(y), list(scores))
     p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
-    with_f1 = [(2 * a * b / (a + b) if a + b > 0 else 0.0, float(t)) for a, b, t in zip(p, r, thresholds)]
+    with_f1 = [
+        (2 * a * b / (a + b) if a + b > 0 else 0.0, float(t))
+        for a, b, t in zip(p, r, thresholds, strict=False)
+    ]
     best_f1, best_t = max(with_f1, key=lambda x: (x[0], x[1]))
     return best_t, float(best_f1)
 
@@ -456,7 +466,12 @@ def metrics(
 
 
 def write_predictions(
-    path: Path, ids: Sequence[str], y: Sequence[int], probs: torch.Tensor, labels: LabelMap, threshold: float | None
+    path: Path,
+    ids: Sequence[str],
+    y: Sequence[int],
+    probs: torch.Tensor,
+    labels: LabelMap,
+    threshold: float | None,
 ) -> None:
     from align.artifacts import write_text_atomic
 
@@ -507,7 +522,9 @@ def save_curves(run_dir: Path, y: Sequence[int], scores: Sequence[float]) -> lis
     return written
 
 
-def log_plots(tracker: Any, y: Sequence[int], probs: torch.Tensor, labels: LabelMap, pngs: list[Path]) -> None:
+def log_plots(
+    tracker: Any, y: Sequence[int], probs: torch.Tensor, labels: LabelMap, pngs: list[Path]
+) -> None:
     """ROC / PR curves and the confusion matrix as W&B plots (main process, W&B on)."""
     if getattr(tracker, "run", None) is None:
         return
@@ -563,7 +580,9 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
     labels = LabelMap(list(saved["labels"]))
     source = cfg.data.eval or art.manifest.get("data", {}).get("eval")
     if not source or not Path(str(source)).is_file():
-        raise AlignError(f"stage=eval of a classifier needs a file to score: data.eval=<file> (.jsonl/.csv/...)")
+        raise AlignError(
+            "stage=eval of a classifier needs a file to score: data.eval=<file> (.jsonl/.csv/...)"
+        )
     rows = data.validate_rows(data.read_rows(str(source), cfg.data.split), "classify", cfg.data.columns)
     if cfg.data.max_eval_rows:
         rows = rows[: cfg.data.max_eval_rows] if cfg.data.eval else rows
@@ -583,7 +602,9 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
     flat, details = metrics(enc.labels, probs, labels, threshold)
     if labels.binary:
         tuned_t, tuned_f1 = tuned_threshold(enc.labels, probs[:, 1].tolist())
-        at_saved = {k.replace("_tuned", "_saved_threshold"): v for k, v in flat.items() if k.endswith("_tuned")}
+        at_saved = {
+            k.replace("_tuned", "_saved_threshold"): v for k, v in flat.items() if k.endswith("_tuned")
+        }
         flat = {k: v for k, v in flat.items() if not k.endswith("_tuned")} | at_saved
         flat |= {"eval/f1_tuned": tuned_f1, "eval/threshold_tuned_here": tuned_t}
     flat["data/truncated_rows"] = float(enc.truncated)

@@ -73,7 +73,9 @@ def classify_data_dir() -> Path:
     for cand in (here / "classify_data", here.parent / "classify_data"):
         if (cand / "defects_train.jsonl").is_file():
             return cand
-    raise AlignError("the shipped classify_data/ directory is missing from this installation; reinstall align")
+    raise AlignError(
+        "the shipped classify_data/ directory is missing from this installation; reinstall align"
+    )
 
 
 @dataclass

@@ -54,7 +54,12 @@ def run_classify(variant: list[str], steps: int, batch: int, out: Path, override
         raise SystemExit(f"align stage=classify {' '.join(variant)} failed:\n{r['stderr'][-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     secs = m["train/train_runtime"]
-    return {"ex_s": steps * batch / secs, "s_step": secs / steps, "loss": m["train/loss"], "rss": r["peak_rss_mib"]}
+    return {
+        "ex_s": steps * batch / secs,
+        "s_step": secs / steps,
+        "loss": m["train/loss"],
+        "rss": r["peak_rss_mib"],
+    }
 
 
 def main() -> None:
@@ -62,7 +67,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("overrides", nargs="*", help="align config overrides for every run, e.g. model.max_length=512")
+    ap.add_argument(
+        "overrides", nargs="*", help="align config overrides for every run, e.g. model.max_length=512"
+    )
     args = ap.parse_args()
     import sys
 
@@ -70,14 +77,20 @@ def main() -> None:
     from align import hardware
 
     hw = hardware.describe()
-    print(f"cpu: {hw.get('cpu')} (bf16 native: {hw.get('cpu_bf16')}); overrides: {' '.join(args.overrides) or '-'}")
+    print(
+        f"cpu: {hw.get('cpu')} (bf16 native: {hw.get('cpu_bf16')}); overrides: {' '.join(args.overrides) or '-'}"
+    )
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
         for i in range(args.reps):
             for v, (name, variant) in enumerate(VARIANTS.items()):
-                res = run_classify(variant, args.steps, args.batch_size, Path(tmp) / f"{v}-{i}", args.overrides)
+                res = run_classify(
+                    variant, args.steps, args.batch_size, Path(tmp) / f"{v}-{i}", args.overrides
+                )
                 results[name].append(res)
-                print(f"  rep {i} {name}: {res['ex_s']:.2f} examples/s ({res['s_step']:.2f} s/step)", flush=True)
+                print(
+                    f"  rep {i} {name}: {res['ex_s']:.2f} examples/s ({res['s_step']:.2f} s/step)", flush=True
+                )
     rows = [
         {
             "batches": name,

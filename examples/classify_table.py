@@ -31,10 +31,18 @@ DATASETS = [("balanced", "defects"), ("imbalanced (10%)", "defects_imbalanced")]
 LOSSES = [
     ("cross-entropy", ["classify.loss=ce"]),
     ("focal (gamma 1)", ["classify.loss=focal", "classify.focal_gamma=1.0"]),
-    ("focal + class weights", ["classify.loss=focal", "classify.focal_gamma=1.0", "classify.class_weights=auto"]),
+    (
+        "focal + class weights",
+        ["classify.loss=focal", "classify.focal_gamma=1.0", "classify.class_weights=auto"],
+    ),
 ]
-COLUMNS = [("ROC AUC", "eval/roc_auc"), ("PR AUC", "eval/pr_auc"), ("F1 @0.5", "eval/f1"),
-           ("F1 tuned", "eval/f1_tuned"), ("threshold", "eval/threshold")]
+COLUMNS = [
+    ("ROC AUC", "eval/roc_auc"),
+    ("PR AUC", "eval/pr_auc"),
+    ("F1 @0.5", "eval/f1"),
+    ("F1 tuned", "eval/f1_tuned"),
+    ("threshold", "eval/threshold"),
+]
 
 
 def main() -> None:
@@ -42,7 +50,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48, help="train.max_steps of every run")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--smoke", action="store_true", help="1 step and 16 eval rows per run (checks the script)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="1 step and 16 eval rows per run (checks the script)"
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = args.out or REPO / "outputs" / "classify-table" / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -53,9 +63,19 @@ def main() -> None:
         for loss_name, loss in LOSSES:
             run_dir = out / f"{data}-{loss_name.split()[0]}{'-w' if 'weights' in loss_name else ''}"
             if not (run_dir / "artifact.json").is_file():
-                cmd = [PY, "-m", "align", "stage=classify", f"data={data}", *loss, f"train.max_steps={steps}",
-                       f"train.batch_size={args.batch_size}", "data.max_eval_rows=" + ("16" if args.smoke else "null"),
-                       *args.overrides, f"hydra.run.dir={run_dir}"]
+                cmd = [
+                    PY,
+                    "-m",
+                    "align",
+                    "stage=classify",
+                    f"data={data}",
+                    *loss,
+                    f"train.max_steps={steps}",
+                    f"train.batch_size={args.batch_size}",
+                    "data.max_eval_rows=" + ("16" if args.smoke else "null"),
+                    *args.overrides,
+                    f"hydra.run.dir={run_dir}",
+                ]
                 print("$", " ".join(cmd[1:]), flush=True)
                 r = subprocess.run(cmd, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True)
                 if r.returncode != 0:
@@ -75,8 +95,10 @@ def main() -> None:
     from align import hardware
 
     hw = hardware.describe()
-    text = (f"{table}\n\n{steps} steps x {args.batch_size} functions, "
-            f"overrides: {' '.join(args.overrides) or '-'}; cpu: {hw.get('cpu')}\n")
+    text = (
+        f"{table}\n\n{steps} steps x {args.batch_size} functions, "
+        f"overrides: {' '.join(args.overrides) or '-'}; cpu: {hw.get('cpu')}\n"
+    )
     (out / "results.md").write_text(text)
     print(text)
 

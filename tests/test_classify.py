@@ -51,7 +51,9 @@ def test_class_and_row_weights_scale_each_row_as_computed_by_hand():
     cw, rw = torch.tensor([1.0, 9.0]), torch.tensor([2.0, 1.0, 0.5])
     want_cw = (9.0 * ce[0] + 1.0 * ce[1] + 1.0 * ce[2]) / 3
     want_both = (9.0 * 2.0 * ce[0] + 1.0 * 1.0 * ce[1] + 1.0 * 0.5 * ce[2]) / 3
-    assert classify.classification_loss(logits, labels, class_weights=cw).item() == pytest.approx(want_cw, rel=1e-5)
+    assert classify.classification_loss(logits, labels, class_weights=cw).item() == pytest.approx(
+        want_cw, rel=1e-5
+    )
     got = classify.classification_loss(logits, labels, class_weights=cw, weights=rw)
     assert got.item() == pytest.approx(want_both, rel=1e-5)
 
@@ -110,9 +112,9 @@ def test_tuned_threshold_maximises_f1_on_a_hand_made_list():
 
     def f1_at(th):
         pred = [int(x >= th) for x in s]
-        tp = sum(p and q for p, q in zip(pred, y))
-        fp = sum(p and not q for p, q in zip(pred, y))
-        fn = sum(q and not p for p, q in zip(pred, y))
+        tp = sum(p and q for p, q in zip(pred, y, strict=False))
+        fp = sum(p and not q for p, q in zip(pred, y, strict=False))
+        fn = sum(q and not p for p, q in zip(pred, y, strict=False))
         return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
     best = max(f1_at(th) for th in s)
@@ -140,7 +142,14 @@ def test_label_mapping_from_ints_bools_and_strings():
         L(["x", "x"])
     with pytest.raises(AlignError, match="does not list"):
         L(["a", "c"], order=["a", "b"])
-    assert [data.label_key(v) for v in (True, 0, 1.0, " yes ", "TRUE", "07")] == ["true", "0", "1", "yes", "true", "7"]
+    assert [data.label_key(v) for v in (True, 0, 1.0, " yes ", "TRUE", "07")] == [
+        "true",
+        "0",
+        "1",
+        "yes",
+        "true",
+        "7",
+    ]
 
 
 def test_bad_rows_name_their_line(tmp_path):
@@ -160,7 +169,9 @@ def test_bad_rows_name_their_line(tmp_path):
 
 def test_unknown_label_at_eval_names_its_line(tmp_path):
     rows = data.validate_rows(
-        data.read_rows(str(write_jsonl(tmp_path / "v.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 7}]))),
+        data.read_rows(
+            str(write_jsonl(tmp_path / "v.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 7}]))
+        ),
         "classify",
     )
 
@@ -180,7 +191,9 @@ def test_columns_are_renamed_for_every_stage(tmp_path):
     rows = data.validate_rows(data.read_rows(str(f)), "classify", cols)
     assert rows[0]["text"] == "int x;" and rows[0]["label"] == "true" and rows[0]["weight"] == 2.0
     p = write_jsonl(tmp_path / "p.jsonl", [{"q": "hi", "good": "a", "bad": "b"}])
-    pref = data.validate_rows(data.read_rows(str(p)), "preference", {"prompt": "q", "chosen": "good", "rejected": "bad"})
+    pref = data.validate_rows(
+        data.read_rows(str(p)), "preference", {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    )
     assert pref == [{"prompt": "hi", "chosen": "a", "rejected": "b"}]
     with pytest.raises(AlignError, match=r"c.jsonl:1: missing column 'source' \(data.columns.text=source"):
         data.validate_rows(data.read_rows(str(f)), "classify", {"text": "source"})
@@ -275,9 +288,17 @@ def test_label_mapping_and_threshold_survive_save_and_load(toy_run, tmp_path):
     assert e["eval/f1_saved_threshold"] == pytest.approx(m["eval/f1_tuned"], abs=1e-6)
     assert (tmp_path / "eval" / "predictions.jsonl").is_file()
     # a label the classifier never saw names its line
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"code": "good", "target": "yes"}, {"code": "x", "target": "maybe"}])
-    cfg = compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={bad}",
-                  "data.columns.text=code", "data.columns.label=target")
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"code": "good", "target": "yes"}, {"code": "x", "target": "maybe"}]
+    )
+    cfg = compose(
+        "stage=eval",
+        "tracking=disabled",
+        f"eval.model={run_dir}",
+        f"data.eval={bad}",
+        "data.columns.text=code",
+        "data.columns.label=target",
+    )
     with pytest.raises(AlignError, match=r"bad.jsonl:2: unknown label 'maybe'"):
         execute(cfg, tmp_path / "eval-bad")
 
@@ -364,8 +385,12 @@ def _shipped(name: str) -> list[dict]:
 
 
 def test_shipped_code_defect_set_is_as_documented(tmp_path):
-    sizes = {"defects_train": (2000, 0.5), "defects_test": (400, 0.5),
-             "defects_imbalanced_train": (2000, 0.1), "defects_imbalanced_test": (400, 0.1)}
+    sizes = {
+        "defects_train": (2000, 0.5),
+        "defects_test": (400, 0.5),
+        "defects_imbalanced_train": (2000, 0.1),
+        "defects_imbalanced_test": (400, 0.1),
+    }
     for name, (n, pos) in sizes.items():
         rows = _shipped(name)
         assert len(rows) == n and sum(r["label"] for r in rows) == round(n * pos), name
@@ -373,17 +398,25 @@ def test_shipped_code_defect_set_is_as_documented(tmp_path):
         assert len({r["category"] for r in rows}) == 5
         assert len({r["text"] for r in rows}) == n  # no duplicates
         # rows load through the classify row kind
-        assert len(data.validate_rows(data.read_rows(str(REPO / "classify_data" / f"{name}.jsonl")), "classify")) == n
+        assert (
+            len(data.validate_rows(data.read_rows(str(REPO / "classify_data" / f"{name}.jsonl")), "classify"))
+            == n
+        )
     train_t = {r["template"] for r in _shipped("defects_train")}
     test_t = {r["template"] for r in _shipped("defects_test")}
     assert train_t and test_t and not train_t & test_t  # held-out templates
     lengths = sorted(len(r["text"]) for r in _shipped("defects_train"))
     assert lengths[-1] > 8 * lengths[len(lengths) // 2]  # a long tail
     # the generator is seeded: it reproduces the shipped files byte for byte
-    subprocess.run([sys.executable, str(REPO / "classify_data" / "generate.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "classify_data" / "generate.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     for name in sizes:
-        assert (tmp_path / f"{name}.jsonl").read_bytes() == (REPO / "classify_data" / f"{name}.jsonl").read_bytes()
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (
+            REPO / "classify_data" / f"{name}.jsonl"
+        ).read_bytes()
 
 
 def test_stage_defaults_to_the_shipped_set():

@@ -76,9 +76,16 @@ def run(ctx: StageContext) -> dict[str, float]:
         metrics |= ev | {"eval/loss": classify.eval_loss(probs, held.labels)}
         if c.predictions and training.is_main_process():
             classify.write_predictions(
-                ctx.run_dir / classify.PREDICTIONS_FILE, held.ids, held.labels, probs, labels, details["threshold"]
+                ctx.run_dir / classify.PREDICTIONS_FILE,
+                held.ids,
+                held.labels,
+                probs,
+                labels,
+                details["threshold"],
             )
-            pngs = classify.save_curves(ctx.run_dir, held.labels, probs[:, 1].tolist()) if labels.binary else []
+            pngs = (
+                classify.save_curves(ctx.run_dir, held.labels, probs[:, 1].tolist()) if labels.binary else []
+            )
             classify.log_plots(ctx.tracker, held.labels, probs, labels, pngs)
     info = {
         "labels": labels.names,
