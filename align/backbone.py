@@ -589,6 +589,8 @@ def apply_adapter(model, cfg: Any, pcfg: Any, rt: Runtime):
 
     if cfg.adapter.bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=rt.gradient_checkpointing)
+    elif rt.gradient_checkpointing:  # checkpointed blocks need inputs that require grad
+        model.enable_input_require_grads()
     return get_peft_model(model, pcfg)
 
 

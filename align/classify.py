@@ -322,6 +322,10 @@ class ClassifierTrainer(Trainer):
 
     def __init__(self, *args, gamma: float = 0.0, class_weights: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # the loss is a mean over the micro-batch's rows, not a sum normalised by the step's item
+        # count: the Trainer must divide it by the gradient accumulation steps (it would not,
+        # seeing a model whose forward takes **kwargs)
+        self.model_accepts_loss_kwargs = False
         self.gamma = gamma
         self.class_weights = torch.tensor(class_weights) if class_weights is not None else None
 

@@ -425,3 +425,41 @@ def test_stage_defaults_to_the_shipped_set():
     assert data.source_paths(cfg.data, "classify")[0].endswith("classify_data/defects_train.jsonl")
     assert compose("stage=classify", "data=defects_imbalanced").data.name == "defects_imbalanced"
     assert compose("stage=dpo").data.name == "ifeval"  # other stages keep their data
+
+
+def test_multiclass_metrics_and_row_weights_reach_the_batch():
+    y = [0, 1, 2, 2, 1, 0]
+    probs = torch.tensor(
+        [[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6], [0.5, 0.1, 0.4], [0.3, 0.4, 0.3], [0.6, 0.3, 0.1]]
+    )
+    m, details = classify.metrics(y, probs, classify.LabelMap(["a", "b", "c"]))
+    assert m["eval/accuracy"] == pytest.approx(5 / 6)
+    assert m["eval/macro_f1"] == pytest.approx((0.8 + 1.0 + 2 / 3) / 3)  # F1 of a, b, c
+    assert details["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["eval/confusion/c->a"] == 1 and "eval/threshold" not in m and 0 < m["eval/roc_auc"] <= 1
+    batch = classify.collate(
+        [{"input_ids": [1, 2], "label": 1, "weight": 3.0}, {"input_ids": [4], "label": 0}],
+        0,
+        packing=True,
+        max_length=8,
+    )
+    assert batch["weights"].tolist() == [3.0, 1.0] and batch["labels"].tolist() == [1, 0]
+    assert batch["position_ids"].tolist() == [[0, 1, 0]] and batch["last_index"].tolist() == [1, 2]
+
+
+def test_gradient_accumulation_divides_the_micro_batch_loss(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, gradient_accumulation_steps=2, report_to=[], max_steps=1
+    )
+    trainer = classify.ClassifierTrainer(
+        model=model, args=args, data_collator=classify.Collator(3, False, 64)
+    )
+    batch = classify.collate([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8, 9], "label": 0}], 3)
+    full = trainer.compute_loss(model, batch).item()
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets
+    assert trainer.training_step(model, batch, num_items_in_batch=torch.tensor(2)).item() == pytest.approx(
+        full / 2, rel=1e-5
+    )
