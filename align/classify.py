@@ -573,8 +573,8 @@ def is_classifier_run(spec: str) -> bool:
 
 def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
     """Score a held-out file with a stage=classify run: its label mapping, truncation and
-    threshold. The file is ``data.eval`` (columns renamed by ``data.columns``), else the
-    held-out set that run used. Writes predictions.jsonl and roc.png/pr.png into ``out_dir``."""
+    threshold. The file is ``data.eval`` (columns renamed by ``data.columns``; every row), else
+    the held-out file that run used. Writes predictions.jsonl and roc.png/pr.png into ``out_dir``."""
     from align import artifacts, data
     from align.backbone import load_trained
     from align.evaluation import _cfg_from_run
@@ -587,9 +587,8 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
         raise AlignError(
             "stage=eval of a classifier needs a file to score: data.eval=<file> (.jsonl/.csv/...)"
         )
+    # every row of the file is scored (data.max_eval_rows caps a training run's held-out split)
     rows = data.validate_rows(data.read_rows(str(source), cfg.data.split), "classify", cfg.data.columns)
-    if cfg.data.max_eval_rows:
-        rows = rows[: cfg.data.max_eval_rows] if cfg.data.eval else rows
     run_cfg = _cfg_from_run(cfg, art.run_dir, art.base_model)
     model, tokenizer, _ = load_trained(run_cfg, art.adapter_dir, task="seq_cls", num_labels=labels.num_labels)
     enc = encode(rows, tokenizer, labels, int(saved["max_length"]), saved.get("truncate", "middle"))
