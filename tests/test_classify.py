@@ -463,3 +463,28 @@ def test_gradient_accumulation_divides_the_micro_batch_loss(tiny_model, tmp_path
     assert trainer.training_step(model, batch, num_items_in_batch=torch.tensor(2)).item() == pytest.approx(
         full / 2, rel=1e-5
     )
+
+
+def test_wandb_offline_run_has_the_roc_and_pr_plots(tiny_model, tmp_path):
+    from align.tracking import read_offline_run
+
+    f = write_jsonl(tmp_path / "t.jsonl", toy_rows(32, 5, WORDS))
+    cfg = compose(
+        "stage=classify",
+        *tiny_overrides(
+            tiny_model,
+            f"data.train={f}",
+            "data.eval_fraction=0.25",
+            "data.columns.text=code",
+            "data.columns.label=target",
+            "train.max_steps=2",
+        ),
+        "tracking=offline",
+        "tracking.project=align-test",
+    )
+    m = execute(cfg, tmp_path / "run")
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_offline_run(run)
+    keys = {k.split("/")[1] for h in logged["history"] for k in h if k.startswith("eval/")}
+    assert {"roc_table", "pr_table", "confusion_matrix_table", "roc_png", "pr_png"} <= keys, keys
+    assert logged["summary"]["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"])
