@@ -550,7 +550,7 @@ def build(
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
 
 
-def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
+def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num_labels: int = 1):
     """The base with the saved adapter merged in, unquantized, for export.
 
     ``cfg`` is the config of the run that trained the adapter. A 4-bit/8-bit base is reloaded
@@ -570,7 +570,7 @@ def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
     from peft import PeftModel
 
     plain = OmegaConf.merge(cfg, {"adapter": {"bits": 0}})  # dequantize: reload the base unquantized
-    base = load_base_model(resolve_model_path(cfg.model), plain, rt, task)
+    base = load_base_model(resolve_model_path(cfg.model), plain, rt, task, num_labels=num_labels)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -2,7 +2,7 @@
 
 * :class:`LabelMap`: file labels (ints, bools, strings) <-> class ids, saved with the run.
 * :func:`encode`: text -> token ids within ``model.max_length`` (truncating the end or the
-  middle), EOS appended so that the last real token is the same for every text.
+  middle).
 * :func:`collate`: a batch of examples as padded rows, or packed: several examples per row
   up to ``model.max_length``, position ids restarting at 0 for each example and no attention
   mask, from which transformers builds block-diagonal causal attention (a 4-D mask for
@@ -116,22 +116,21 @@ def encode(
     max_length: int,
     truncate: str = "middle",
 ) -> Encoded:
-    """Token ids of each row's text (+ EOS), at most ``max_length``; labels as ids."""
-    eos = tokenizer.eos_token_id
-    budget = max_length - (1 if eos is not None else 0)
+    """Token ids of each row's text as the tokenizer encodes it by default (with its BOS, if it
+    adds one), at most ``max_length``; labels as ids. Nothing is appended, so the last real
+    token is the text's own, which is also where transformers' sequence-classification
+    forward reads an exported model's prediction."""
     texts = [r["text"] for r in rows]
-    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    tokenized = tokenizer(texts)["input_ids"] if texts else []
     out = Encoded([], [], [], [], 0)
     for row, ids in zip(rows, tokenized, strict=True):
-        if len(ids) > budget:
+        if len(ids) > max_length:
             out.truncated += 1
             if truncate == "end":
-                ids = ids[:budget]
+                ids = ids[:max_length]
             else:
-                head = budget // 2
-                ids = ids[:head] + ids[len(ids) - (budget - head) :]
-        if eos is not None:
-            ids = [*ids, eos]
+                head = max_length // 2
+                ids = ids[:head] + ids[len(ids) - (max_length - head) :]
         out.input_ids.append(list(ids))
         out.labels.append(labels.id(row["label"], row.get("where", "row")))
         out.weights.append(float(row.get("weight", 1.0)))
@@ -385,8 +384,11 @@ def eval_loss(probs: torch.Tensor, y: Sequence[int]) -> float:
 
 
 def tuned_threshold(y: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
-    """(threshold, F1): the score threshold (predict positive at ``score >= threshold``) that
-    maximises F1 on (y, scores); ties go to the higher threshold. No positives: (0.5, 0)."""
+    """(threshold, F1): a score threshold (predict positive at ``score >= threshold``) that
+    maximises F1 on (y, scores); ties go to the higher threshold. It lies halfway between the
+    lowest score predicted positive and the next lower score, so a prediction on these rows
+    does not flip with a last-bit difference (another batch, a reloaded model). No positives:
+    (0.5, 0)."""
     from sklearn.metrics import precision_recall_curve
 
     if sum(y) == 0:
@@ -395,10 +397,12 @@ def tuned_threshold(y: Sequence[int], scores: Sequence[float]) -> tuple[float, f
     p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
     with_f1 = [
         (2 * a * b / (a + b) if a + b > 0 else 0.0, float(t))
-        for a, b, t in zip(p, r, thresholds, strict=False)
+        for a, b, t in zip(p, r, thresholds, strict=True)
     ]
     best_f1, best_t = max(with_f1, key=lambda x: (x[0], x[1]))
-    return best_t, float(best_f1)
+    below = [float(x) for x in scores if x < best_t]
+    threshold = (best_t + max(below)) / 2 if below else best_t
+    return threshold, float(best_f1)
 
 
 def _at(y: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:

@@ -119,9 +119,10 @@ def test_tuned_threshold_maximises_f1_on_a_hand_made_list():
 
     best = max(f1_at(th) for th in s)
     assert f1 == pytest.approx(best) and f1_at(t) == pytest.approx(best)
-    assert t == 0.25 and best == pytest.approx(2 * 4 / (2 * 4 + 3))  # all 4 positives, 3 false positives
+    assert best == pytest.approx(2 * 4 / (2 * 4 + 3))  # all 4 positives, 3 false positives: s >= 0.25
+    assert t == pytest.approx(0.225)  # halfway to the next lower score (0.2): robust to last-bit noise
     m, details = classify.metrics(y, torch.tensor([[1 - x, x] for x in s]), classify.LabelMap(["0", "1"]))
-    assert m["eval/threshold"] == t and m["eval/f1_tuned"] == pytest.approx(best)
+    assert m["eval/threshold"] == pytest.approx(t) and m["eval/f1_tuned"] == pytest.approx(best)
     assert m["eval/f1"] == pytest.approx(f1_at(0.5))
     assert 0 < m["eval/roc_auc"] < 1 and 0 < m["eval/pr_auc"] <= 1
     assert details["confusion_matrix"] == [[3, 3], [0, 4]]  # rows: true class; at t=0.25: 3 FP, no FN
@@ -178,7 +179,7 @@ def test_unknown_label_at_eval_names_its_line(tmp_path):
     class Tok:
         eos_token_id = 0
 
-        def __call__(self, texts, add_special_tokens=False):
+        def __call__(self, texts):
             return {"input_ids": [[1, 2]] * len(texts)}
 
     with pytest.raises(AlignError, match=r"v.jsonl:2: unknown label '7'"):
@@ -203,32 +204,33 @@ def test_truncation_end_and_middle_are_counted():
     class Tok:
         eos_token_id = 99
 
-        def __call__(self, texts, add_special_tokens=False):
+        def __call__(self, texts):
             return {"input_ids": [list(range(int(t))) for t in texts]}
 
     rows = [{"text": "30", "label": "0"}, {"text": "5", "label": "1"}]
     lm = classify.LabelMap(["0", "1"])
-    end = classify.encode(rows, Tok(), lm, 11, "end")
-    mid = classify.encode(rows, Tok(), lm, 11, "middle")
+    end = classify.encode(rows, Tok(), lm, 10, "end")
+    mid = classify.encode(rows, Tok(), lm, 10, "middle")
     assert end.truncated == mid.truncated == 1
-    assert end.input_ids[0] == [*range(10), 99]
-    assert mid.input_ids[0] == [0, 1, 2, 3, 4, 25, 26, 27, 28, 29, 99]
-    assert end.input_ids[1] == [0, 1, 2, 3, 4, 99]
+    assert end.input_ids[0] == list(range(10))
+    assert mid.input_ids[0] == [0, 1, 2, 3, 4, 25, 26, 27, 28, 29]
+    assert end.input_ids[1] == mid.input_ids[1] == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- end to end
 
 
 def toy_rows(n: int, seed: int, words: list[str]) -> list[dict]:
-    """Separable: a positive row contains 'good', a negative row 'bad', among random filler."""
+    """Separable: a positive row contains "good", a negative row "bad", among random filler;
+    every row ends with " end" (a fixed last token, like the "}" that ends a C function)."""
     rng = random.Random(seed)
     filler = [w for w in words if w not in ("good", "bad")]
     rows = []
     for i in range(n):
         label = i % 2 == 0
         ws = [rng.choice(filler) for _ in range(rng.randint(3, 40))]
-        ws.insert(rng.randint(0, len(ws)), "good" if label else "bad")
-        rows.append({"code": " ".join(ws), "target": "yes" if label else "no", "id": f"r{i}"})
+        ws.insert(rng.randint(1, len(ws)), "good" if label else "bad")  # always " good" / " bad"
+        rows.append({"code": " ".join(ws) + " end", "target": "yes" if label else "no", "id": f"r{i}"})
     return rows
 
 
@@ -488,3 +490,20 @@ def test_wandb_offline_run_has_the_roc_and_pr_plots(tiny_model, tmp_path):
     keys = {k.split("/")[1] for h in logged["history"] for k in h if k.startswith("eval/")}
     assert {"roc_table", "pr_table", "confusion_matrix_table", "roc_png", "pr_png"} <= keys, keys
     assert logged["summary"]["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"])
+
+
+def test_export_of_a_classify_run_predicts_the_same_with_plain_transformers(toy_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, m, test = toy_run
+    execute(compose("stage=export", "tracking=disabled", f"export.from={run_dir}"), tmp_path / "export")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export" / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export" / "model")
+    assert model.config.id2label == {0: "no", 1: "yes"}
+    preds = {
+        p["id"]: p["score"] for p in map(json.loads, (run_dir / "predictions.jsonl").read_text().splitlines())
+    }
+    for row in [json.loads(x) for x in test.read_text().splitlines()[:6]]:
+        with torch.no_grad():
+            p = model(**tok(row["code"], return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+        assert p == pytest.approx(preds[row["id"]], abs=1e-4)
