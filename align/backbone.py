@@ -450,8 +450,9 @@ def quantization_config(adapter_cfg: Any, rt: Runtime):
     )
 
 
-def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
-    """The frozen base (quantized when the adapter asks for it), on ``rt.device``."""
+def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm", num_labels: int = 1):
+    """The frozen base (quantized when the adapter asks for it), on ``rt.device``; ``task="seq_cls"``
+    puts a fresh ``num_labels``-way head (``score``) on the last real token."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if os.path.isdir(path):
@@ -471,7 +472,7 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm"):
             kwargs["device_map"] = {"": torch.cuda.current_device() if rt.device == "cuda" else "cpu"}
     cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
     if task == "seq_cls":
-        kwargs["num_labels"] = 1
+        kwargs["num_labels"] = num_labels
     try:
         model = cls.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -526,7 +527,9 @@ def tokenizer_for(cfg: Any):
     return load_tokenizer(resolve_model_path(cfg.model, cfg.adapter), cfg.model)
 
 
-def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None) -> Backbone:
+def build(
+    cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None, num_labels: int = 1
+) -> Backbone:
     """Base model + tokenizer + adapter plan for a stage.
 
     Without ``init_adapter`` the trainer applies ``peft_config`` to the base. With it, the
@@ -535,7 +538,7 @@ def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None 
     rt = detect_runtime(cfg)
     path = resolve_model_path(cfg.model, cfg.adapter)
     tokenizer = load_tokenizer(path, cfg.model)
-    model = load_base_model(path, cfg, rt, task)
+    model = load_base_model(path, cfg, rt, task, num_labels=num_labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pcfg = peft_config(cfg, task)
@@ -547,7 +550,7 @@ def build(cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None 
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
 
 
-def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
+def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num_labels: int = 1):
     """The base with the saved adapter merged in, unquantized, for export.
 
     ``cfg`` is the config of the run that trained the adapter. A 4-bit/8-bit base is reloaded
@@ -567,11 +570,52 @@ def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm"):
     from peft import PeftModel
 
     plain = OmegaConf.merge(cfg, {"adapter": {"bits": 0}})  # dequantize: reload the base unquantized
-    base = load_base_model(resolve_model_path(cfg.model), plain, rt, task)
+    base = load_base_model(resolve_model_path(cfg.model), plain, rt, task, num_labels=num_labels)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def apply_adapter(model, cfg: Any, pcfg: Any, rt: Runtime):
+    """``model`` with the fresh adapter ``pcfg`` applied (for trainers that do not take a
+    ``peft_config``); a quantized base is first prepared for k-bit training. With
+    ``pcfg=None`` (adapter=none) the whole model is trainable. A SEQ_CLS adapter keeps the
+    classification head (``score``) trainable in every case."""
+    if pcfg is None:
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.adapter.bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=rt.gradient_checkpointing)
+    elif rt.gradient_checkpointing:  # checkpointed blocks need inputs that require grad
+        model.enable_input_require_grads()
+    return get_peft_model(model, pcfg)
+
+
+def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num_labels: int = 1):
+    """A finished run's model for inference: the base (as that run loaded it, quantized or not)
+    with its saved adapter, or the saved full model for adapter=none; and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    rt = detect_runtime(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():  # adapter=none: a full model
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+        model = cls.from_pretrained(adapter_dir, dtype=rt.dtype, use_safetensors=True).to(rt.device)
+    else:
+        base = load_base_model(
+            resolve_model_path(cfg.model, cfg.adapter), cfg, rt, task, num_labels=num_labels
+        )
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        model = load_adapter(base, adapter_dir, trainable=False)
+    model.eval()
+    return model, tokenizer, rt
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:

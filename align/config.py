@@ -20,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 from align.errors import AlignError
 
-STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export", "eval", "grpo", "rloo")
+STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export", "eval", "grpo", "rloo", "classify")
 
 
 class AdapterKind(str, Enum):
@@ -151,6 +151,24 @@ class TrainConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """``data.columns.<canonical>=<column in the file>``: which file column holds each column a
+    stage reads (e.g. ``data.columns.text=code data.columns.label=target``); null: the canonical name."""
+
+    text: str | None = None
+    label: str | None = None
+    weight: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    messages: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    margin: str | None = None
+    constraints: str | None = None
+    id: str | None = None
+
+
+@dataclass
 class DataConfig:
     """Where the rows come from. ``train`` unset: the shipped ``reward_data`` set the stage needs."""
 
@@ -163,6 +181,7 @@ class DataConfig:
     split: str = "train"  # split to read from a hub dataset (or a local dataset directory)
     subset: str | None = None  # the hub dataset's subset (config name), as load_dataset(name, subset)
     on_error: OnError = OnError.error  # what to do with a malformed or over-long row
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # rename file columns (every stage)
 
 
 @dataclass
@@ -196,6 +215,30 @@ class RMStageConfig:
     """Reward model: a LoRA (task SEQ_CLS) + scalar score head on the base, trained on pairs."""
 
     center_rewards_coefficient: float | None = None  # e.g. 0.01: pulls mean reward towards 0
+
+
+class ClassifyLoss(str, Enum):
+    ce = "ce"
+    focal = "focal"
+
+
+class Truncate(str, Enum):
+    end = "end"  # keep the first model.max_length tokens
+    middle = "middle"  # keep the head and the tail, drop the middle
+
+
+@dataclass
+class ClassifyStageConfig:
+    """stage=classify: a causal LM + classification head on the last real token (docs/classify.md)."""
+
+    loss: ClassifyLoss = ClassifyLoss.ce
+    focal_gamma: float = 1.0  # loss=focal: (1 - p_true)^gamma * CE; 0 is plain cross-entropy
+    class_weights: Any = None  # null | auto (inverse frequency) | [w_0, w_1, ...] (one per label)
+    labels: list[str] | None = None  # label order (ids 0..K-1; binary: the 2nd is positive); null: sorted
+    packing: bool = False  # several examples per sequence, block-diagonal attention
+    truncate: Truncate = Truncate.middle  # texts over model.max_length lose their end or their middle
+    threshold: float | None = None  # binary: decision threshold; null: the F1-maximising one on eval
+    predictions: bool = True  # write predictions.jsonl (and W&B ROC/PR plots) for the eval split
 
 
 @dataclass
@@ -324,6 +367,7 @@ class AlignConfig:
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
     rloo: RLOOStageConfig = field(default_factory=RLOOStageConfig)
+    classify: ClassifyStageConfig = field(default_factory=ClassifyStageConfig)
     # stage=export: export.from=<run dir> (a dict: `from` is a Python keyword); see align/stages/export.py
     export: dict[str, Any] = field(
         default_factory=lambda: {"from": None, "push_to_hub": False, "hub_id": None, "private": True}
@@ -399,6 +443,8 @@ def validate(cfg: Any) -> None:
         validate_eval(cfg)
     if cfg.stage in ("grpo", "rloo"):
         validate_online_rl(cfg)
+    if cfg.stage == "classify":
+        validate_classify(cfg)
     if cfg.stage == "rlhf":
         order = ["sft", "rm", "ppo"]
         chosen = list(cfg.rlhf.stages)
@@ -528,3 +574,39 @@ def validate_online_rl(cfg: Any) -> None:
         raise AlignError(
             f"{key}.use_vllm=true with a quantized base (adapter.bits) is not supported; use adapter=lora"
         )
+
+
+def class_weights_spec(value: Any) -> str | list[float] | None:
+    """``classify.class_weights`` as None, "auto" or a list of floats; AlignError otherwise."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        items = list(value) if not isinstance(value, str | int | float) else None
+        weights = [float(x) for x in items] if items is not None else None
+    except (TypeError, ValueError):
+        weights = None
+    if not weights or any(not (w > 0 and w < float("inf")) for w in weights):
+        raise AlignError(
+            f"classify.class_weights={value!r}: use auto (inverse class frequency), null, or a list of "
+            "positive numbers, one per label (e.g. classify.class_weights=[1.0,9.0])"
+        )
+    return weights
+
+
+def validate_classify(cfg: Any) -> None:
+    c = cfg.classify
+    if c.focal_gamma < 0:
+        raise AlignError(f"classify.focal_gamma={c.focal_gamma} must be >= 0 (0 is cross-entropy)")
+    weights = class_weights_spec(c.class_weights)
+    if isinstance(weights, list) and c.labels is not None and len(weights) != len(c.labels):
+        raise AlignError(
+            f"classify.class_weights has {len(weights)} weights for {len(c.labels)} classify.labels"
+        )
+    if c.labels is not None:
+        names = [str(x) for x in c.labels]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise AlignError(f"classify.labels={names}: give at least two distinct labels")
+    if c.threshold is not None and not 0.0 < c.threshold < 1.0:
+        raise AlignError(f"classify.threshold={c.threshold} must be in (0, 1), or null (tuned on eval)")

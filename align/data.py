@@ -12,6 +12,11 @@ and converts to them (HH-RLHF transcripts, UltraFeedback, ShareGPT, Alpaca, ...)
 * sft: ``messages`` (the last assistant turn is the completion, the turns before it the
   prompt), ``prompt`` + ``completion``, or plain ``text``.
 * prompt (grpo, rloo, ppo, eval): ``prompt`` (+ ``constraints``, ``id``).
+* classify: ``text`` + ``label`` (an int, a bool or a string) + an optional numeric ``weight``.
+
+Any column may have another name in the file: ``data.columns.<canonical>=<file column>``
+(e.g. ``data.columns.text=code``) renames it as the rows are read, for every stage, before
+the layout is detected.
 """
 
 from __future__ import annotations
@@ -44,12 +49,15 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 ACCEPTED = ".jsonl/.json/.csv/.parquet, optionally compressed as .gz/.bz2/.xz/.zst"
 
 # (data.name, row kind) -> (train file, held-out file or None) under reward_data/
+# (classify rows: under classify_data/)
 SHIPPED = {
     ("ifeval", "sft"): ("sft_train.jsonl", None),
     ("ifeval", "preference"): ("pairs_train.jsonl", "pairs_test.jsonl"),
     ("ifeval", "prompt"): ("prompts_train.jsonl", "prompts_test.jsonl"),
     ("tiny", "sft"): ("tiny_sft.jsonl", None),
     ("tiny", "preference"): ("tiny_pairs.jsonl", None),
+    ("defects", "classify"): ("defects_train.jsonl", "defects_test.jsonl"),
+    ("defects_imbalanced", "classify"): ("defects_imbalanced_train.jsonl", "defects_imbalanced_test.jsonl"),
 }
 
 
@@ -60,6 +68,17 @@ def reward_data_dir() -> Path:
         if (cand / "pairs_train.jsonl").is_file():
             return cand
     raise AlignError("the shipped reward_data/ directory is missing from this installation; reinstall align")
+
+
+def classify_data_dir() -> Path:
+    """The shipped code-defect set: classify_data/ in a checkout, align/classify_data in a wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "classify_data", here.parent / "classify_data"):
+        if (cand / "defects_train.jsonl").is_file():
+            return cand
+    raise AlignError(
+        "the shipped classify_data/ directory is missing from this installation; reinstall align"
+    )
 
 
 @dataclass
@@ -432,6 +451,45 @@ def _dataset_rows(ds: Any, name: str) -> list[Row]:
     return [Row(f"{name}: row {i}", r) for i, r in enumerate(ds)]
 
 
+# --------------------------------------------------------------------------- renaming
+
+
+def column_map(columns: Any) -> dict[str, str]:
+    """``data.columns`` as {canonical: file column}, without the unset (null) entries."""
+    if not columns:
+        return {}
+    items = columns.items() if hasattr(columns, "items") else vars(columns).items()
+    return {str(k): str(v) for k, v in items if v is not None and str(v) != str(k)}
+
+
+def rename_columns(rows: list[Row], columns: Any) -> list[Row]:
+    """Rows with their file columns renamed to the canonical names ``data.columns`` gives.
+
+    A row that lacks a renamed column is an error naming the line and the setting; a row that
+    already has the canonical name as well is ambiguous, and an error too.
+    """
+    mapping = column_map(columns)
+    if not mapping:
+        return rows
+    out = []
+    for r in rows:
+        d = dict(r.data)
+        for canonical, src in mapping.items():
+            if src not in d:
+                have = ", ".join(sorted(map(str, r.data))) or "nothing"
+                raise AlignError(
+                    f"{r.where}: missing column {src!r} (data.columns.{canonical}={src}; the row has: {have})"
+                )
+            if canonical in d:
+                raise AlignError(
+                    f"{r.where}: has both {src!r} and {canonical!r}, and data.columns.{canonical}={src} would "
+                    f"make them one column; drop one, or unset data.columns.{canonical}"
+                )
+            d[canonical] = d.pop(src)
+        out.append(Row(r.where, d))
+    return out
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -552,11 +610,73 @@ def prompt_row(row: Row) -> dict[str, Any]:
     return out
 
 
-CONVERTERS = {"preference": preference_row, "sft": sft_row, "prompt": prompt_row}
+def label_key(value: Any) -> str | None:
+    """The canonical name of a class label: ints (and integral floats) as digits, bools and
+    "true"/"false" as true/false, other strings stripped. None: not a usable label."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str):
+        v = value.strip()
+        if not v or _SURROGATE.search(v):
+            return None
+        if v.lower() in ("true", "false"):
+            return v.lower()
+        if re.fullmatch(r"[+-]?\d+", v):
+            return str(int(v))
+        return v
+    return None
 
 
-def validate_rows(rows: list[Row], kind: str) -> list[dict[str, Any]]:
-    return [d for _, d in _validated(rows, kind, skip=False, dropped=[])]
+def classify_row(row: Row) -> dict[str, Any]:
+    d = row.data
+    if "text" not in d:
+        have = ", ".join(sorted(map(str, d))) or "nothing"
+        raise AlignError(
+            f"{row.where}: missing column 'text' (the row has: {have}); name another column with "
+            "data.columns.text=<column>"
+        )
+    if not isinstance(d["text"], str):
+        raise AlignError(f"{row.where}: 'text' must be a string, not {_type(d['text'])}")
+    out: dict[str, Any] = {"text": _text(row, "'text'", d["text"])}
+    if "label" not in d:
+        have = ", ".join(sorted(map(str, d))) or "nothing"
+        raise AlignError(
+            f"{row.where}: missing column 'label' (the row has: {have}); name another column with "
+            "data.columns.label=<column>"
+        )
+    if d["label"] is None:
+        raise AlignError(f"{row.where}: 'label' is empty (null)")
+    key = label_key(d["label"])
+    if key is None:
+        raise AlignError(
+            f"{row.where}: 'label' must be an integer, true/false or a non-empty string, got {d['label']!r}"
+        )
+    out["label"] = key
+    if "weight" in d:
+        w = d["weight"]
+        if isinstance(w, str):  # a CSV cell
+            try:
+                w = float(w)
+            except ValueError:
+                pass
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise AlignError(f"{row.where}: 'weight' must be a finite number >= 0, got {d['weight']!r}")
+        out["weight"] = float(w)
+    out["where"] = row.where
+    if "id" in d and d["id"] is not None:
+        out["id"] = _SURROGATE.sub("\ufffd", d["id"] if isinstance(d["id"], str) else json.dumps(d["id"]))
+    return out
+
+
+CONVERTERS = {"preference": preference_row, "sft": sft_row, "prompt": prompt_row, "classify": classify_row}
+
+
+def validate_rows(rows: list[Row], kind: str, columns: Any = None) -> list[dict[str, Any]]:
+    return [d for _, d in _validated(rename_columns(rows, columns), kind, skip=False, dropped=[])]
 
 
 def _validated(
@@ -661,7 +781,7 @@ def source_paths(data_cfg: Any, kind: str) -> tuple[str, str | None]:
             f"data.name={data_cfg.name!r} has no {kind} data; use one of {', '.join(names)} or set data.train=<file>"
         )
     train, held_out = SHIPPED[key]
-    base = reward_data_dir()
+    base = classify_data_dir() if kind == "classify" else reward_data_dir()
     return str(base / train), data_cfg.eval or (str(base / held_out) if held_out else None)
 
 
@@ -674,7 +794,7 @@ def load(
     tokenizer: Any = None,
     max_length: int | None = None,
 ) -> Split:
-    """Validated train and held-out datasets of ``kind`` (sft | preference | prompt).
+    """Validated train and held-out datasets of ``kind`` (sft | preference | prompt | classify).
 
     ``needed_train_rows`` (from train.max_steps) caps how many shuffled rows are kept, so
     a short run does not tokenize a whole corpus it will never see. With ``tokenizer`` and
@@ -686,9 +806,14 @@ def load(
     eval_report: dict[str, Any] = {}
     train_src, eval_src = source_paths(data_cfg, kind)
     subset = getattr(data_cfg, "subset", None)
+    columns = getattr(data_cfg, "columns", None)
     train_report: dict[str, Any] = {}
     train_rows = _validated(
-        read_rows(train_src, data_cfg.split, subset), kind, skip=skip, dropped=dropped, report=train_report
+        rename_columns(read_rows(train_src, data_cfg.split, subset), columns),
+        kind,
+        skip=skip,
+        dropped=dropped,
+        report=train_report,
     )
     if not train_rows:
         raise AlignError(f"{train_src}: no rows" + (f" left ({len(dropped)} dropped)" if dropped else ""))
@@ -696,7 +821,11 @@ def load(
     rng.shuffle(train_rows)
     if eval_src:
         eval_rows = _validated(
-            read_rows(eval_src, data_cfg.split, subset), kind, skip=skip, dropped=dropped, report=eval_report
+            rename_columns(read_rows(eval_src, data_cfg.split, subset), columns),
+            kind,
+            skip=skip,
+            dropped=dropped,
+            report=eval_report,
         )
     elif data_cfg.eval_fraction > 0 and len(train_rows) >= 2:
         n_eval = max(1, round(len(train_rows) * data_cfg.eval_fraction))

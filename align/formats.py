@@ -33,7 +33,14 @@ from typing import Any
 from align.errors import AlignError
 
 # Which stages read each row kind (for messages).
-STAGES = {"preference": "dpo, rm", "sft": "sft", "prompt": "grpo, rloo, ppo, eval"}
+STAGES = {"preference": "dpo, rm", "sft": "sft", "prompt": "grpo, rloo, ppo, eval", "classify": "classify"}
+# The canonical columns of each row kind: what data.columns.<canonical>=<file column> can name.
+CANONICAL = {
+    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "sft": ("prompt", "completion", "messages", "text"),
+    "prompt": ("prompt", "constraints", "id"),
+    "classify": ("text", "label", "weight", "id"),
+}
 
 
 @dataclass(frozen=True)
@@ -388,6 +395,13 @@ FORMATS: tuple[Format, ...] = (
         lambda row: row.data,
         canonical=True,
     ),
+    Format(  # one layout (after data.columns); data.classify_row names what a row lacks
+        "classify",
+        "classify",
+        (),
+        lambda row: row.data,
+        canonical=True,
+    ),
 )
 
 BY_NAME = {f.name: f for f in FORMATS}
@@ -443,8 +457,8 @@ def detect(rows: list[Any], kind: str) -> Format:
     raise AlignError(
         f"{row.where}: cannot tell the data format: the columns ({cols}) match {what}. "
         f"Formats accepted for stage {STAGES[kind]}: {accepted(kind)}. "
-        "Rename your columns to one of these with data.columns.<canonical>=<your column> "
-        "(e.g. data.columns.prompt=question), or drop the extra columns"
+        f"Map your columns onto the canonical ones ({', '.join(CANONICAL[kind])}) with "
+        "data.columns.<canonical>=<your column> (e.g. data.columns.prompt=question), or drop the extra columns"
     )
 
 

@@ -288,6 +288,18 @@ def test_ambiguous_or_unknown_file_is_refused_with_the_formats_and_the_columns_f
         and "stage dpo, rm" in msg
     )
     assert "data.columns.prompt=question" in msg
+    assert "Map your columns onto the canonical ones (prompt, chosen, rejected, margin)" in msg
+
+
+def test_data_columns_rename_before_the_format_is_detected(tmp_path):
+    renamed = [{"good": r["chosen"], "bad": r["rejected"]} for r in HH[:2]]
+    p = write_jsonl(tmp_path / "hh-renamed.jsonl", renamed)
+    cfg = compose(
+        f"data.train={p}", "data.columns.chosen=good", "data.columns.rejected=bad", "data.eval_fraction=0"
+    )
+    split = data.load(cfg.data, "preference", seed=0)
+    assert split.info["format"] == "hh-rlhf" and split.info["rows_converted"] == 2
+    assert split.train[0]["prompt"][0]["role"] == "user"
 
 
 def test_more_specific_formats_win():

@@ -135,8 +135,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     art = artifacts.read(src, key="export.from")
     if art.adapter_dir is None:
         raise AlignError(f"export.from={src}: stage={art.stage} has no trained weights to export")
-    task = "seq_cls" if art.stage == "rm" else "causal_lm"
-    model, tokenizer = backbone.merged_model(_run_config(art), art.adapter_dir, task)
+    task = "seq_cls" if art.stage in ("rm", "classify") else "causal_lm"
+    labels = (art.manifest.get("data", {}).get("classifier") or {}).get("labels") or []
+    num_labels = len(labels) if art.stage == "classify" else 1
+    model, tokenizer = backbone.merged_model(_run_config(art), art.adapter_dir, task, num_labels=num_labels)
+    if art.stage == "classify":  # the label names travel with the model (config.id2label)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     if task == "causal_lm" and model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
