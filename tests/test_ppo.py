@@ -176,6 +176,23 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     )
 
 
+def test_a_fresh_value_head_starts_at_zero_so_first_advantages_are_the_returns():
+    from align.rl import ppo
+
+    # a random head put values of std ~2 (token-to-token differences ~2.7) on SmolLM2's hidden
+    # states: ten times a judge's 0..1 score, so GAE's deltas were mostly noise
+    head = ppo.ScalarHead(8)
+    hidden = torch.randn(2, 5, 8) * 45
+    assert torch.equal(head(hidden), torch.zeros(2, 5, 1))
+    scores, mask = torch.tensor([1.0, 0.0]), torch.ones(2, 5)
+    rewards = losses.token_rewards(scores, torch.zeros(2, 5), mask, 0.05)
+    adv, returns = losses.gae(rewards, head(hidden).squeeze(-1), mask, gamma=1.0, lam=1.0)
+    # lam=1: every token of a completion gets its sequence's score as the advantage
+    assert torch.equal(adv, torch.tensor([[1.0] * 5, [0.0] * 5])) and torch.equal(returns, adv)
+    copied = ppo.ScalarHead(8, weight=torch.ones(8))  # from a reward model's score head: copied
+    assert torch.equal(copied.weight, torch.ones(1, 8))
+
+
 def test_training_state_allocated_up_front_steps_like_a_fresh_adamw(tiny_model):
     """Gradients and AdamW moments exist before the first rollout (so they do not fragment the
     first update's heap) and the optimizer then steps exactly as AdamW's lazy init would."""
