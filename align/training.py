@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from align import artifacts
+from align import artifacts, malloc
 from align.tracking import Tracker, config_dict, is_main_process
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def summary_text(
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
     lines.append(f"           (all metrics: {ctx.run_dir / 'metrics.json'})")
+    lines.append(f"  malloc   {malloc.summary_line()}")
     hint = ctx.tracker.sync_hint
     if ctx.tracker.mode == "offline" and hint:
         lines.append(f"  W&B      offline run; upload it with: {hint}")
