@@ -186,3 +186,26 @@ def test_run_summary_and_artifact_record_the_allocator(tiny_model, tmp_path):
     assert alloc["name"] == "jemalloc" and alloc["mode"] == "auto" and "libjemalloc" in alloc["library"]
     line = next(x for x in r.stdout.splitlines() if x.strip().startswith("malloc"))
     assert "jemalloc (" in line and "peak RSS" in line
+
+
+@needs_jemalloc
+def test_the_align_console_script_settles_the_allocator_too(tmp_path):
+    """pyproject's `align` script is align.malloc:main; a script as pip generates it for that
+    entry point runs on jemalloc and still answers --cfg job."""
+    import tomllib
+
+    spec = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["align"]
+    assert spec == "align.malloc:main"
+    script = tmp_path / "align"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "from align.malloc import describe, main\n"
+        "if __name__ == '__main__':\n"
+        "    print('ALLOCATOR', describe()['name'], file=sys.stderr)\n"
+        "    sys.exit(main())\n"
+    )
+    script.chmod(0o755)
+    r = subprocess.run([str(script), "--cfg", "job"], env=clean_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and "stage:" in r.stdout, r.stderr
+    # the first process (before the re-exec) prints glibc, the re-executed one jemalloc
+    assert "ALLOCATOR glibc" in r.stderr and "ALLOCATOR jemalloc" in r.stderr
