@@ -107,8 +107,13 @@ def detect_runtime(cfg: Any) -> Runtime:
             raise AlignError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16")
     gc = cfg.train.gradient_checkpointing
     every = int(cfg.train.get("checkpoint_every", 1))
-    if every < 1:
-        raise AlignError(f"train.checkpoint_every={every}: use 1 (every layer) or more (every n-th layer)")
+    if every < 0:
+        raise AlignError(
+            f"train.checkpoint_every={every}: use 1 (every layer), n > 1 (every n-th layer) or 0 "
+            "(every 2nd layer on CPU, every layer on CUDA)"
+        )
+    if every == 0:  # on a GPU memory is what runs out; on CPU the recompute is what costs
+        every = 1 if device == "cuda" else 2
     return Runtime(
         device=device,
         dtype=dtype,

@@ -135,7 +135,8 @@ class TrainConfig:
     eval_steps: int = 0  # 0: evaluate once, at the end
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
     # with gradient checkpointing: recompute only every n-th decoder layer (1: all layers, the
-    # most memory saved; 2: half the layers, about half the saving for half the extra compute)
+    # most memory saved; 2: half the layers, about half the saving for half the extra compute;
+    # 0: every 2nd layer on CPU, every layer on CUDA, stage=dpo's default)
     checkpoint_every: int = 1
     autocast: Autocast = Autocast.auto  # bf16 mixed precision over fp32 weights (see README)
     group_by_length: bool = True  # batch rows of similar length together (less padding)

@@ -191,10 +191,11 @@ def train(ctx: Any, trainer: Any, *, beta: float | None = None) -> None:
     on_nan = str(getattr(t.on_nan, "value", t.on_nan))
     guard = Guard(on_nan, trainer=trainer, resume_from=getattr(ctx, "resume_from", None))
     trainer.add_callback(guard)
-    if int(t.get("checkpoint_every", 1)) > 1:
-        from align import backbone
+    from align import backbone
 
-        trainer.add_callback(backbone.checkpoint_callback(int(t.checkpoint_every)))
+    every = backbone.detect_runtime(ctx.cfg).checkpoint_every  # train.checkpoint_every, 0 resolved
+    if every > 1:
+        trainer.add_callback(backbone.checkpoint_callback(every))
     collapse = None
     if beta and t.max_logp_drop is not None:
         collapse = CollapseGuard(

@@ -1,5 +1,6 @@
 """train.checkpoint_every: gradient checkpointing on every n-th decoder layer only (stage=dpo's
-default on CPU is every 2nd layer: within plain TRL's peak memory, at less recompute)."""
+default, 0 = auto, is every 2nd layer on CPU, within plain TRL's peak memory at less recompute,
+and every layer on CUDA)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,19 @@ def test_every_nth_layer_recomputes_those_layers_and_gives_the_same_gradients(ti
     assert backbone.checkpoint_every_nth_layer(model, 2) == 0
 
 
-def test_stage_defaults_and_bad_values(tiny_model):
-    dpo = compose("stage=dpo")
-    assert dpo.train.gradient_checkpointing is True and dpo.train.checkpoint_every == 2
+def test_stage_defaults_and_bad_values(tiny_model, monkeypatch):
+    dpo = compose("stage=dpo", "device=cpu")
+    assert dpo.train.gradient_checkpointing is True and dpo.train.checkpoint_every == 0  # auto
     rt = backbone.detect_runtime(dpo)
-    assert rt.gradient_checkpointing and rt.checkpoint_every == 2
+    assert rt.gradient_checkpointing and rt.checkpoint_every == 2  # CPU: every 2nd layer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert backbone.detect_runtime(compose("stage=dpo", "device=cuda")).checkpoint_every == 1  # GPU: all
+    monkeypatch.undo()
     assert compose("stage=sft").train.checkpoint_every == 1
-    with pytest.raises(AlignError, match="train.checkpoint_every=0"):
-        backbone.detect_runtime(compose("stage=dpo", "train.checkpoint_every=0"))
+    assert backbone.detect_runtime(compose("stage=dpo", "train.checkpoint_every=3")).checkpoint_every == 3
+    with pytest.raises(AlignError, match="train.checkpoint_every=-1"):
+        backbone.detect_runtime(compose("stage=dpo", "train.checkpoint_every=-1"))
 
 
 def test_dpo_trains_with_every_second_layer_checkpointed(tiny_model, tmp_path, caplog):
