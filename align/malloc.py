@@ -122,8 +122,8 @@ def plan(env: dict[str, str] | None = None) -> dict[str, str] | None:
             env[GUARD_ENV] = str(os.getpid())
             return env
         return None
-    if current and "jemalloc" in current:
-        return None
+    if current and ("jemalloc" in current or want == "auto"):
+        return None  # jemalloc already, or (auto) another allocator the user preloaded on purpose
     lib = find_jemalloc()
     if lib is None:
         if want == "jemalloc":
