@@ -110,10 +110,15 @@ def detect_runtime(cfg: Any) -> Runtime:
     if every < 0:
         raise AlignError(
             f"train.checkpoint_every={every}: use 1 (every layer), n > 1 (every n-th layer) or 0 "
-            "(every 2nd layer on CPU, every layer on CUDA)"
+            "(auto: every 2nd layer on CPU with jemalloc, else every layer)"
         )
-    if every == 0:  # on a GPU memory is what runs out; on CPU the recompute is what costs
-        every = 1 if device == "cuda" else 2
+    if every == 0:
+        # auto: every layer on a GPU (memory is what runs out there); on CPU every 2nd layer on
+        # jemalloc (within plain TRL's peak at half its recompute), every layer on glibc's
+        # malloc, which fragments what the other layers would keep (docs/benchmarks.md, DPO)
+        from align import malloc
+
+        every = 2 if device == "cpu" and "jemalloc" in (malloc.loaded() or "") else 1
     return Runtime(
         device=device,
         dtype=dtype,

@@ -9,7 +9,10 @@ align stage=<name>``, in a fresh process, once with ``ALIGN_MALLOC=system`` (gli
 is the process's maximum resident set (GNU time); s/step is the training loop's time divided by
 its steps (TRL's ``train_runtime``; PPO: the mean ``time/step_s``), the first step included.
 ``stage=ppo`` uses ``ppo.reward=judge:ifeval`` (no reward model needed). Held-out evaluation runs
-as in a normal run (its peak counts). Extra ``key=value`` overrides go to every stage.
+as in a normal run (its peak counts). ``stage=dpo``'s checkpointing follows the allocator as a
+user's run does (``train.checkpoint_every=0``: every 2nd layer on jemalloc, every layer on glibc);
+pass ``train.checkpoint_every=1`` to compare like for like. Extra ``key=value`` overrides go to
+every stage.
 
 Last line: ``footprint_jemalloc_rss_ratio: <sum of jemalloc peaks / sum of glibc peaks>``.
 """

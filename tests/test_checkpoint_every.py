@@ -1,6 +1,6 @@
 """train.checkpoint_every: gradient checkpointing on every n-th decoder layer only (stage=dpo's
-default, 0 = auto, is every 2nd layer on CPU, within plain TRL's peak memory at less recompute,
-and every layer on CUDA)."""
+default, 0 = auto, is every 2nd layer on CPU with jemalloc, within plain TRL's peak memory at
+less recompute, and every layer on CUDA or on glibc's malloc)."""
 
 from __future__ import annotations
 
@@ -54,10 +54,16 @@ def test_every_nth_layer_recomputes_those_layers_and_gives_the_same_gradients(ti
 
 
 def test_stage_defaults_and_bad_values(tiny_model, monkeypatch):
+    from align import malloc
+
     dpo = compose("stage=dpo", "device=cpu")
     assert dpo.train.gradient_checkpointing is True and dpo.train.checkpoint_every == 0  # auto
+    monkeypatch.setattr(malloc, "loaded", lambda: "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     rt = backbone.detect_runtime(dpo)
-    assert rt.gradient_checkpointing and rt.checkpoint_every == 2  # CPU: every 2nd layer
+    assert rt.gradient_checkpointing and rt.checkpoint_every == 2  # CPU on jemalloc: every 2nd layer
+    monkeypatch.setattr(malloc, "loaded", lambda: None)
+    assert backbone.detect_runtime(dpo).checkpoint_every == 1  # CPU on glibc: every layer
+    monkeypatch.setattr(malloc, "loaded", lambda: "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert backbone.detect_runtime(compose("stage=dpo", "device=cuda")).checkpoint_every == 1  # GPU: all
@@ -73,7 +79,9 @@ def test_dpo_trains_with_every_second_layer_checkpointed(tiny_model, tmp_path, c
 
     cfg = compose(
         "stage=dpo",
-        *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=2", "data.max_eval_rows=4"),
+        *tiny_overrides(
+            tiny_model, "data=tiny", "train.max_steps=2", "data.max_eval_rows=4", "train.checkpoint_every=2"
+        ),
     )
     with caplog.at_level("INFO", logger="align.backbone"):
         m = execute(cfg, tmp_path / "dpo")
