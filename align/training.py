@@ -95,6 +95,9 @@ def evaluate(trainer: Any) -> dict[str, float]:
     """Held-out metrics of the trained model (an empty dict when there is no held-out set)."""
     if trainer.eval_dataset is None:
         return {}
+    from align import backbone
+
+    backbone.release_host_memory()  # glibc: the training steps' freed pages, before eval allocates anew
     raw = trainer.evaluate()
     return {k.replace("eval_", "eval/", 1): float(v) for k, v in raw.items() if isinstance(v, int | float)}
 
