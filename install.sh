@@ -6,6 +6,11 @@
 #   ALIGN_TORCH=skip ./install.sh   # keep whatever torch the environment already has
 #   ALIGN_VENV=/path/to/venv ./install.sh
 #   ALIGN_TORCH_INDEX=https://download.pytorch.org/whl/cpu ./install.sh  # where to get a CPU wheel
+#   ALIGN_JEMALLOC_INSTALL=0 ./install.sh   # do not install jemalloc (align then runs on glibc's malloc)
+#
+# On Linux align runs on jemalloc (align/malloc.py; ALIGN_MALLOC=auto|jemalloc|system): it
+# removes the glibc heap fragmentation that dominates a CPU run's peak memory. As root on
+# Debian/Ubuntu this script installs the libjemalloc2 package; elsewhere it says how and goes on.
 #
 # torch is installed before anything that depends on it, so that no dependency pulls a
 # multi-GB CUDA build onto a CPU-only machine.
@@ -40,6 +45,31 @@ elif [ "$mode" = cpu ]; then
 elif [ "$mode" = cuda ]; then
   echo "align: installing torch (CUDA build)"
   pip install torch
+fi
+
+jemalloc_found() {
+  for f in /usr/lib/*-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 \
+           /usr/local/lib/libjemalloc.so.2; do
+    [ -f "$f" ] && { echo "$f"; return 0; }
+  done
+  return 1
+}
+if [ "$(uname -s)" != Linux ]; then
+  echo "align: not Linux: no jemalloc (align uses the system allocator)"
+elif lib=$(jemalloc_found); then
+  echo "align: jemalloc found ($lib)"
+elif [ "${ALIGN_JEMALLOC_INSTALL:-1}" = 0 ]; then
+  echo "align: ALIGN_JEMALLOC_INSTALL=0: not installing jemalloc (align uses glibc's malloc)"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "align: installing jemalloc (Debian package libjemalloc2)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q libjemalloc2 >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libjemalloc2 >/dev/null 2>&1; } \
+    || echo "align: could not install libjemalloc2 (going on; align uses glibc's malloc, with a higher peak memory on CPU)"
+else
+  echo "align: jemalloc not installed and this script cannot install it (needs root and apt-get);" \
+       "going on without it. For a lower CPU peak memory: sudo apt-get install libjemalloc2" \
+       "(or your system's jemalloc package; ALIGN_JEMALLOC=<path to libjemalloc.so.2>)"
 fi
 
 echo "align: installing align and its dependencies"

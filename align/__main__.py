@@ -1,7 +1,9 @@
 """``python -m align stage=<name> [key=value ...]``: the Hydra entry point.
 
 Nothing heavy (torch, transformers, TRL) is imported here: ``--help`` and ``--cfg job``
-answer in about a second. The stage module imports what it needs when it runs.
+answer in about a second. The stage module imports what it needs when it runs. Run as a
+program, it first settles the C allocator (align.malloc: jemalloc where installed), which
+may re-execute the process once.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+if __name__ == "__main__":  # python -m align, and every rank of `accelerate launch -m align`
+    from align import malloc
 
-from align import overrides, runs
-from align.config import register
-from align.errors import AlignError
+    malloc.ensure()  # may re-execute this process with jemalloc preloaded: before any heavy import
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from align import overrides, runs  # noqa: E402
+from align.config import register  # noqa: E402
+from align.errors import AlignError  # noqa: E402
 
 
 def config_dir() -> str:

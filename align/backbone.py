@@ -66,6 +66,7 @@ class Runtime:
     dtype: torch.dtype  # weights/compute dtype of the (non-quantized) base
     gradient_checkpointing: bool
     autocast_dtype: torch.dtype | None = None  # bf16 mixed precision over ``dtype`` weights
+    checkpoint_every: int = 1  # with gradient checkpointing: every n-th decoder layer only
 
     @property
     def bf16(self) -> bool:
@@ -105,12 +106,53 @@ def detect_runtime(cfg: Any) -> Runtime:
         if device == "cpu" and dtype == torch.float16:
             raise AlignError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16")
     gc = cfg.train.gradient_checkpointing
+    every = int(cfg.train.get("checkpoint_every", 1))
+    if every < 0:
+        raise AlignError(
+            f"train.checkpoint_every={every}: use 1 (every layer), n > 1 (every n-th layer) or 0 "
+            "(auto: every 2nd layer on CPU with jemalloc, else every layer)"
+        )
+    if every == 0:
+        # auto: every layer on a GPU (memory is what runs out there); on CPU every 2nd layer on
+        # jemalloc (within plain TRL's peak at half its recompute), every layer on glibc's
+        # malloc, which fragments what the other layers would keep (docs/benchmarks.md, DPO)
+        from align import malloc
+
+        every = 2 if device == "cpu" and "jemalloc" in (malloc.loaded() or "") else 1
     return Runtime(
         device=device,
         dtype=dtype,
         gradient_checkpointing=(device == "cuda") if gc is None else gc,
         autocast_dtype=_autocast_dtype(cfg.train.autocast, device, dtype),
+        checkpoint_every=every,
     )
+
+
+def checkpoint_every_nth_layer(model: Any, every: int) -> int:
+    """With gradient checkpointing on, keep it on only for every ``every``-th decoder layer
+    (layers 0, n, 2n, ...: transformers' own ``every_n_layers`` choice); the others keep their
+    activations. Returns how many layers recompute in backward. ``every=1`` changes nothing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        if every > 1 and layer.gradient_checkpointing:
+            layer.gradient_checkpointing = i % every == 0
+    return sum(bool(layer.gradient_checkpointing) for layer in layers)
+
+
+def checkpoint_callback(every: int) -> Any:
+    """A TrainerCallback that applies :func:`checkpoint_every_nth_layer` when training begins
+    (after the Trainer has switched checkpointing on for every layer)."""
+    from transformers import TrainerCallback
+
+    class CheckpointEveryNthLayer(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None and args.gradient_checkpointing:
+                n = checkpoint_every_nth_layer(model, every)
+                log.info("gradient checkpointing on %d decoder layers (train.checkpoint_every=%d)", n, every)
+
+    return CheckpointEveryNthLayer()
 
 
 def release_host_memory() -> None:

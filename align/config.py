@@ -134,6 +134,10 @@ class TrainConfig:
     logging_steps: int = 5
     eval_steps: int = 0  # 0: evaluate once, at the end
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU
+    # with gradient checkpointing: recompute only every n-th decoder layer (1: all layers, the
+    # most memory saved; 2: half the layers, about half the saving for half the extra compute;
+    # 0, stage=dpo's default: every 2nd layer on CPU with jemalloc, else every layer)
+    checkpoint_every: int = 1
     autocast: Autocast = Autocast.auto  # bf16 mixed precision over fp32 weights (see README)
     group_by_length: bool = True  # batch rows of similar length together (less padding)
     packing: bool = False  # SFT only: padding-free best-fit packing

@@ -191,6 +191,11 @@ def train(ctx: Any, trainer: Any, *, beta: float | None = None) -> None:
     on_nan = str(getattr(t.on_nan, "value", t.on_nan))
     guard = Guard(on_nan, trainer=trainer, resume_from=getattr(ctx, "resume_from", None))
     trainer.add_callback(guard)
+    from align import backbone
+
+    every = backbone.detect_runtime(ctx.cfg).checkpoint_every  # train.checkpoint_every, 0 resolved
+    if every > 1:
+        trainer.add_callback(backbone.checkpoint_callback(every))
     collapse = None
     if beta and t.max_logp_drop is not None:
         collapse = CollapseGuard(

@@ -13,6 +13,7 @@ import platform
 from functools import cache
 from typing import Any
 
+from align import malloc
 from align.errors import AlignError
 
 CPU_BF16_ENV = "ALIGN_CPU_BF16"
@@ -67,7 +68,8 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
 
 
 def describe() -> dict[str, Any]:
-    """The hardware facts a run records in artifact.json (figures are only comparable with them)."""
+    """The hardware facts a run records in artifact.json (figures are only comparable with them),
+    with the C allocator the process runs on (``allocator``: jemalloc or glibc, see align.malloc)."""
     import torch
 
     model, flags = _cpuinfo()
@@ -79,5 +81,6 @@ def describe() -> dict[str, Any]:
         "cpu_bf16_forced": cpu_bf16_forced(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": malloc.describe(),
     }
     return info

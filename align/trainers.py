@@ -89,6 +89,11 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
         return cache_root() / "ref_logps" / f"{key}.pt"
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        if name == "eval" and not getattr(self, "_eval_ref_due", False):
+            # the held-out set's reference log-probs are computed when it is first evaluated
+            # (as TRL without precompute does), not before training starts
+            self._eval_ref_batch_size = batch_size
+            return dataset
         path = self._ref_cache_path(dataset)
         if path.is_file():
             cached = torch.load(path)
@@ -105,6 +110,13 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
             torch.save({c: torch.tensor(dataset[c]) for c in ("ref_chosen_logps", "ref_rejected_logps")}, tmp)
             os.replace(tmp, path)
         return dataset
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        pending = getattr(self, "_eval_ref_batch_size", None)
+        if pending and eval_dataset is None and "ref_chosen_logps" not in self.eval_dataset.column_names:
+            self._eval_ref_due = True
+            self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", pending)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
 
 class FastSamplingMixin:

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from align import artifacts
+from align import artifacts, malloc
 from align.tracking import Tracker, config_dict, is_main_process
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ def evaluate(trainer: Any) -> dict[str, float]:
     """Held-out metrics of the trained model (an empty dict when there is no held-out set)."""
     if trainer.eval_dataset is None:
         return {}
+    from align import backbone
+
+    backbone.release_host_memory()  # glibc: the training steps' freed pages, before eval allocates anew
     raw = trainer.evaluate()
     return {k.replace("eval_", "eval/", 1): float(v) for k, v in raw.items() if isinstance(v, int | float)}
 
@@ -186,6 +189,7 @@ def summary_text(
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
     lines.append(f"           (all metrics: {ctx.run_dir / 'metrics.json'})")
+    lines.append(f"  malloc   {malloc.summary_line()}")
     hint = ctx.tracker.sync_hint
     if ctx.tracker.mode == "offline" and hint:
         lines.append(f"  W&B      offline run; upload it with: {hint}")

@@ -14,14 +14,15 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def run_measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> dict:
-    """Run ``cmd``; return wall seconds, the child's peak RSS (MiB, by GNU time), exit code, output."""
+def run_measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO, clear: bool = False) -> dict:
+    """Run ``cmd``; return wall seconds, the child's peak RSS (MiB, by GNU time), exit code, output.
+    ``env`` is added to this process's environment, or with ``clear=True`` is the whole of it."""
     marker = "BENCH_MAXRSS_KB="
     t = time.perf_counter()
     r = subprocess.run(
         ["/usr/bin/time", "-f", marker + "%M", *cmd],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env=dict(env or {}) if clear else {**os.environ, **(env or {})},
         capture_output=True,
         text=True,
     )
@@ -29,6 +30,15 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: Path = REPO) -> d
     lines = r.stderr.rstrip().splitlines()
     rss = int(lines[-1][len(marker) :]) / 1024 if lines and lines[-1].startswith(marker) else float("nan")
     return {"wall_s": wall, "rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr, "peak_rss_mib": rss}
+
+
+def plain_env(**extra: str) -> dict[str, str]:
+    """This environment without a preloaded jemalloc (a plain ``python`` as a user starts it)."""
+    env = {k: v for k, v in os.environ.items() if k != "_ALIGN_MALLOC_REEXEC"}
+    keep = [e for e in env.pop("LD_PRELOAD", "").replace(":", " ").split() if "jemalloc" not in e]
+    if keep:
+        env["LD_PRELOAD"] = " ".join(keep)
+    return env | extra
 
 
 def median(xs):

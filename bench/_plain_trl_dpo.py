@@ -23,6 +23,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-rows", type=int, default=16)
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--gradient-checkpointing",
+        choices=["default", "true", "false"],
+        default="default",
+        help="TRL's default (on) unless set; for finding where memory goes, not used by bench/dpo.py",
+    )
     args = ap.parse_args()
 
     import torch
@@ -59,6 +65,11 @@ def main() -> None:
         report_to="none",
         save_strategy="no",
         seed=42,
+        **(
+            {}
+            if args.gradient_checkpointing == "default"
+            else {"gradient_checkpointing": args.gradient_checkpointing == "true"}
+        ),
     )
     peft = LoraConfig(
         r=16,

@@ -7,7 +7,9 @@ each in a fresh subprocess: ``ppo.separate_models=false`` (ours) and ``=true`` (
 role). The reward is a stage=rm-shaped adapter with random weights (saved once to a temp dir),
 so no reward model has to be trained first. For each run: RSS after imports (before any model
 is loaded), peak RSS, their difference (net peak) and seconds per PPO step (the first step is
-a warm-up and not timed). The last line is ``ppo_memory_ratio: <shared net / separate net>``.
+a warm-up and not timed). Each run is on the allocator ``python -m align`` would use (jemalloc
+where installed; ``ALIGN_MALLOC=system`` for glibc's malloc). The last line is
+``ppo_memory_ratio: <shared net / separate net>``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def make_reward_adapter(overrides: list[str], out: Path) -> None:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from align import backbone, data
+    from align import backbone, data, malloc
     from align.rl import ppo
 
     after_imports = rss_mb()
@@ -94,6 +96,7 @@ def child(args: argparse.Namespace) -> None:
                 "score": history[-1]["objective/scores"],
                 "completion_length": sum(h["val/completion_length"] for h in history) / len(history),
                 "copies": len({id(m) for m in models.models.values()}),
+                "allocator": malloc.describe()["name"],
             }
         ),
         flush=True,
@@ -110,6 +113,9 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     if args.child:
+        from align import malloc
+
+        malloc.ensure()  # the allocator `python -m align` runs on (jemalloc where installed; ALIGN_MALLOC)
         child(args)
         return
     env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
@@ -152,7 +158,10 @@ def main() -> None:
             if out.returncode or line is None:
                 sys.exit(f"{name} run failed:\n{out.stderr[-4000:]}")
             results[name] = json.loads(line[len("RESULT ") :]) | {"wall_s": time.time() - t0}
-    print(f"\nPPO memory, {args.steps} steps ({' '.join(args.overrides) or 'defaults'}):")
+    print(
+        f"\nPPO memory, {args.steps} steps ({' '.join(args.overrides) or 'defaults'}), "
+        f"allocator {results['shared']['allocator']}:"
+    )
     print(
         f"{'layout':<10} {'copies':>6} {'after imports MB':>17} {'peak MB':>9} {'net peak MB':>12} {'s/step':>8}"
     )
