@@ -63,3 +63,24 @@ def compose(overrides: list[str]):
     register()
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+def random_lora_model(cfg):
+    """(runtime, tokenizer, model): the configured base with a LoRA adapter whose B matrices are
+    random (a trained-looking adapter, active), in eval mode: what the generation benches sample from."""
+    import torch
+    from peft import get_peft_model
+
+    from align import backbone
+
+    rt = backbone.detect_runtime(cfg)
+    path = backbone.resolve_model_path(cfg.model)
+    tok = backbone.load_tokenizer(path, cfg.model)
+    torch.manual_seed(0)
+    model = get_peft_model(backbone.load_base_model(path, cfg, rt), backbone.peft_config(cfg))
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0.0, 0.02)
+    model.eval()
+    return rt, tok, model

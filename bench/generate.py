@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from _common import REPO, compose, print_table
+from _common import REPO, compose, print_table, random_lora_model
 
 
 def time_best(fn, reps: int) -> float:
@@ -84,21 +84,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from peft import get_peft_model
 
-    from align import backbone, hardware, sampling
+    from align import hardware, sampling
 
     cfg = compose(["stage=eval", *args.overrides])
-    rt = backbone.detect_runtime(cfg)
-    path = backbone.resolve_model_path(cfg.model)
-    tok = backbone.load_tokenizer(path, cfg.model)
-    torch.manual_seed(0)
-    model = get_peft_model(backbone.load_base_model(path, cfg, rt), backbone.peft_config(cfg))
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if "lora_B" in n:
-                q.normal_(0.0, 0.02)
-    model.eval()
+    rt, tok, model = random_lora_model(cfg)
     rows = [json.loads(x) for x in (REPO / "reward_data" / "prompts_test.jsonl").read_text().splitlines()]
     prompts = sampling.encode_prompts(tok, [r["prompt"] for r in rows[: args.prompts]])
     stop = sampling.stop_ids(tok, model)

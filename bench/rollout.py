@@ -32,7 +32,7 @@ import json
 import sys
 import time
 
-from _common import REPO, compose, print_table
+from _common import REPO, compose, print_table, random_lora_model
 
 
 def main() -> None:
@@ -43,23 +43,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from peft import get_peft_model
 
-    from align import backbone, hardware, sampling
+    from align import hardware, sampling
     from align.rl import rollout
 
     cfg = compose(["stage=ppo", *args.overrides])
     p, t = cfg.ppo, cfg.train
-    rt = backbone.detect_runtime(cfg)
-    path = backbone.resolve_model_path(cfg.model)
-    tok = backbone.load_tokenizer(path, cfg.model)
-    torch.manual_seed(0)
-    model = get_peft_model(backbone.load_base_model(path, cfg, rt), backbone.peft_config(cfg))
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if "lora_B" in n:
-                q.normal_(0.0, 0.02)
-    model.eval()
+    rt, tok, model = random_lora_model(cfg)
     size = t.batch_size * t.grad_accum * p.num_mini_batches
     rows = [json.loads(x) for x in (REPO / "reward_data" / "prompts_train.jsonl").read_text().splitlines()]
     rounds = [[r["prompt"] for r in rows[i * size : (i + 1) * size]] for i in range(args.rounds)]
@@ -109,7 +99,15 @@ def main() -> None:
             with torch.no_grad(), precision():
                 tokens += fn(i)
             wall += time.perf_counter() - started
-        table.append({"path": label, "batch": size, "tokens": tokens, "wall_s": f"{wall:.1f}", "tok/s": f"{tokens / wall:.1f}"})
+        table.append(
+            {
+                "path": label,
+                "batch": size,
+                "tokens": tokens,
+                "wall_s": f"{wall:.1f}",
+                "tok/s": f"{tokens / wall:.1f}",
+            }
+        )
         print(f"  {label}: {tokens} tokens in {wall:.1f} s", flush=True)
         return tokens / wall
 
@@ -131,7 +129,9 @@ def main() -> None:
         with torch.no_grad(), precision():
             for idx in torch.arange(len(rounds[i])).split(t.batch_size):
                 sel = ro.select(idx)
-                rollout.token_logprobs(model, sel["input_ids"], sel["attention_mask"], sel["width"], p.temperature)
+                rollout.token_logprobs(
+                    model, sel["input_ids"], sel["attention_mask"], sel["width"], p.temperature
+                )
         fwd += time.perf_counter() - started
     print_table(table, ["path", "batch", "tokens", "wall_s", "tok/s"])
     print(f"policy log-prob forward: {fwd:.1f} s = {fwd / (gen + fwd):.2f} of sampling + forward")
