@@ -89,6 +89,8 @@ def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_mod
         "data.max_eval_rows=4",
         "train.max_steps=2",
         "train.lr=1e-2",
+        "train.batch_size=4",
+        "ppo.num_mini_batches=1",
     )
     r = launch_two_processes("ppo", args, root)
     assert r.returncode == 0, r.stderr[-4000:]

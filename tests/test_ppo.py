@@ -380,7 +380,10 @@ def test_fast_rollout_gives_generates_tokens_and_the_first_ratio_is_one(tiny_mod
     from align import backbone
     from align.rl import ppo, rollout
 
-    cfg = ppo_config(tiny_model, "ppo.top_k=1", "train.batch_size=8", "ppo.ppo_epochs=1")
+    # one epoch of one minibatch: every ratio is taken before the first optimizer step
+    cfg = ppo_config(
+        tiny_model, "ppo.top_k=1", "train.batch_size=8", "ppo.ppo_epochs=1", "ppo.num_mini_batches=1"
+    )
     tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
     torch.manual_seed(0)
     models = ppo.build_models(cfg, str(tiny_model), backbone.detect_runtime(cfg))
