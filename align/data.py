@@ -803,30 +803,24 @@ def load(
     """
     skip = str(getattr(data_cfg.on_error, "value", data_cfg.on_error)) == "skip"
     dropped: list[str] = []
-    eval_report: dict[str, Any] = {}
     train_src, eval_src = source_paths(data_cfg, kind)
     subset = getattr(data_cfg, "subset", None)
     columns = getattr(data_cfg, "columns", None)
+
+    def rows_of(src: str, report: dict[str, Any]) -> list:
+        """``src``'s rows, columns renamed, format detected and converted, validated."""
+        rows = rename_columns(read_rows(src, data_cfg.split, subset), columns)
+        return _validated(rows, kind, skip=skip, dropped=dropped, report=report)
+
     train_report: dict[str, Any] = {}
-    train_rows = _validated(
-        rename_columns(read_rows(train_src, data_cfg.split, subset), columns),
-        kind,
-        skip=skip,
-        dropped=dropped,
-        report=train_report,
-    )
+    eval_report: dict[str, Any] = {}
+    train_rows = rows_of(train_src, train_report)
     if not train_rows:
         raise AlignError(f"{train_src}: no rows" + (f" left ({len(dropped)} dropped)" if dropped else ""))
     rng = random.Random(seed)
     rng.shuffle(train_rows)
     if eval_src:
-        eval_rows = _validated(
-            rename_columns(read_rows(eval_src, data_cfg.split, subset), columns),
-            kind,
-            skip=skip,
-            dropped=dropped,
-            report=eval_report,
-        )
+        eval_rows = rows_of(eval_src, eval_report)
     elif data_cfg.eval_fraction > 0 and len(train_rows) >= 2:
         n_eval = max(1, round(len(train_rows) * data_cfg.eval_fraction))
         eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
