@@ -152,13 +152,16 @@ def per_type_chart(
         ys = [i - 0.4 + (j + 0.5) * height for i in range(len(kinds))]  # first label on top
         acc = [100 * per_type[label].get(k, {}).get("instruction_accuracy", math.nan) for k in kinds]
         ax.barh(ys, acc, height=height * 0.95, label=label)
+        for y, a in zip(ys, acc, strict=True):  # the number, so a 0% bar is seen too
+            if not math.isnan(a):
+                ax.text(a + 1, y, f"{a:.0f}%", va="center", fontsize=6)
     counts = {k: max(per_type[lb].get(k, {}).get("instructions", 0) for lb in labels) for k in kinds}
     ax.set_yticks(range(len(kinds)), [f"{k} ({counts[k]})" for k in kinds], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
+    ax.set_xlim(0, 108)
     ax.set_xlabel("strict instruction-level accuracy (%); (n) = instructions of that type", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     suffix = f" ({n_prompts} prompts)" if n_prompts else ""
     ax.set_title((title or "per instruction type") + suffix, fontsize=10)
     return _save(fig, Path(path))
