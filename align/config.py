@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from align.errors import AlignError
 
@@ -282,7 +282,9 @@ class PPOStageConfig:
 class EvalStageConfig:
     """stage=eval (and train.eval_at_end): a held-out alignment report. See docs/eval.md."""
 
-    model: str = "base"  # a run dir (sft/dpo/ppo/grpo/rloo), a model dir or hub id, or base (model.*)
+    # a run dir (sft/dpo/ppo/grpo/rloo), a model dir or hub id, or base (model.*); or a list of
+    # them, [base,<run a>,<run b>]: one side-by-side table on the same prompts (a str or list)
+    model: Any = "base"
     baseline: str = "base"  # base: the same base model (adapters disabled), side by side; none: skip it
     reward: str | None = None  # an rm run dir: mean reward-model score and win-rate judged by it
     prompts: str | None = None  # prompts (+ constraints) file; None: reward_data/prompts_test.jsonl
@@ -515,8 +517,12 @@ def validate_ppo(cfg: Any) -> None:
 
 def validate_eval(cfg: Any) -> None:
     e = cfg.eval
-    if not str(e.model).strip():
-        raise AlignError("eval.model is empty; give a run directory, a model directory or hub id, or base")
+    specs = [e.model] if isinstance(e.model, str) or not hasattr(e.model, "__iter__") else list(e.model)
+    if not specs or any(s is None or isinstance(s, dict | DictConfig) or not str(s).strip() for s in specs):
+        raise AlignError(
+            "eval.model is empty; give a run directory, a model directory or hub id, or base "
+            "(or a list of them: eval.model=[base,<run a>,<run b>])"
+        )
     if e.baseline not in ("base", "none"):
         raise AlignError(f"eval.baseline={e.baseline!r}: use base (side by side with the base model) or none")
     if e.max_prompts < 0 or e.max_pairs < 0:

@@ -21,6 +21,7 @@ that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -264,6 +265,17 @@ def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Ten
     return out.to(device), m.to(device)
 
 
+def cache_kwarg(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` since transformers renamed it (passing
+    the old ``past_key_values`` there warns on every call), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _Decoder:
     """Continuous batching over a KV cache of at most ``bs`` rows.
 
@@ -280,6 +292,7 @@ class _Decoder:
         self.bs, self.progress = bs, progress
         self.greedy = p.temperature <= 0
         self.warpers = None if self.greedy else _warpers(p)
+        self.cache_kw = cache_kwarg(model)
         self.out: list[Completion] = [Completion(prompt_ids=list(x)) for x in prompt_ids]
         self.logps: list[list[float]] = [[] for _ in prompt_ids]
 
@@ -293,7 +306,7 @@ class _Decoder:
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
+            **{self.cache_kw: cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -385,7 +398,7 @@ class _Decoder:
                         input_ids=token[:, None],
                         attention_mask=mask,
                         position_ids=next_pos,
-                        past_key_values=cache,
+                        **{self.cache_kw: cache},
                         use_cache=True,
                     )
                     .logits[:, -1, :]

@@ -143,6 +143,7 @@ def finish(
             backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
         OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
         artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
+        write_curves(ctx)
         ctx.tracker.summary(metrics)
         artifacts.write_manifest(
             run_dir,
@@ -155,6 +156,27 @@ def finish(
         )
         print(summary_text(ctx, metrics, headline, elapsed, next_hint, data_info), flush=True)
     return metrics
+
+
+def write_curves(ctx: StageContext) -> Path | None:
+    """curves.png from the run's log_history.json (every training stage writes one; stage=eval
+    does not): loss and the signals its metric names carry (align.plots). A failure to draw is
+    one warning line, never the end of the run."""
+    import json
+
+    from align import plots
+
+    history_file = ctx.run_dir / "log_history.json"
+    if not history_file.is_file():
+        return None
+
+    def draw() -> Path | None:
+        history = json.loads(history_file.read_text())
+        return plots.curves(
+            history, ctx.run_dir / plots.CURVES_PNG, title=f"stage={ctx.cfg.stage}  {ctx.run_dir.name}"
+        )
+
+    return plots.safely(plots.CURVES_PNG, draw)
 
 
 def _fmt(v: float) -> str:
@@ -181,6 +203,9 @@ def summary_text(
         lines.append(f"  adapter  {ctx.run_dir / ADAPTER_DIR}")
     if (ctx.run_dir / "report.md").is_file():
         lines.append(f"  report   {ctx.run_dir / 'report.md'}")
+    for name in ("curves.png", "eval.png"):
+        if (ctx.run_dir / name).is_file():
+            lines.append(f"  chart    {ctx.run_dir / name}")
     if data_info and "format" in data_info:  # what data.load detected and converted
         from align.data import format_line
 
