@@ -12,7 +12,7 @@ import pytest
 from conftest import compose, separable_pairs, tiny_overrides, write_jsonl
 from safetensors.torch import load_file
 
-from align import artifacts, backbone, data
+from align import artifacts, backbone, data, evaluation
 from align.errors import AlignError
 from align.guard import CollapseGuard
 from align.stages import execute
@@ -108,8 +108,10 @@ def test_stage_learns_and_writes_a_loadable_artifact(tiny_model, pair_files, tmp
     assert weights and not any(".ref." in k for k in weights)  # only the trained adapter
     history = json.loads((run_dir / "log_history.json").read_text())
     assert not any("collapse/logp_drop" in h for h in history)  # a normal run trips no guard
-    model, tok, _ = backbone.load_trained(cfg, art.adapter_dir)  # what stage=eval / ppo.policy load
+    model, tok, _ = backbone.load_trained(cfg, art.adapter_dir)  # what ppo.policy / export load
     assert model.peft_config["default"].r == cfg.adapter.r and tok.chat_template
+    loaded = evaluation.load(compose("stage=eval", *tiny_overrides(tiny_model)), str(run_dir))  # eval.model=
+    assert loaded.info["stage"] == stage and loaded.kl_ref is not None
 
 
 def test_kto_learns_from_unpaired_feedback(tiny_model, tmp_path):
