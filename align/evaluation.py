@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from align import judges
+from align.config import POLICY_STAGES  # stages whose output is a policy (re-exported)
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
 # the headline rows of report.md and of the printed summary, in order

@@ -57,13 +57,23 @@ def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
     )
 
 
-def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
-    """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...)."""
+def init_run(cfg: Any, key: str, expect: tuple[str, ...]) -> artifacts.Artifact | None:
+    """The finished run that ``<key>`` (e.g. ``kto.init``) names, checked: one of the stages
+    ``expect`` on this base model; None when the key is unset (start from the base)."""
+    value = OmegaConf.select(cfg, key)
+    if not value:
+        return None
+    return artifacts.read(value, key=key, expect_stage=expect, base_model=cfg.model.name_or_path)
+
+
+def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...); ``overrides``
+    replace the shared ones a stage must set its own way (KTO: ``train_sampling_strategy``)."""
     from align import guard  # checkpointing and non-finite handling
 
     t = ctx.cfg.train
     periodic_eval = has_eval and t.eval_steps > 0
-    return dict(
+    args = dict(
         output_dir=str(ctx.run_dir / "checkpoints"),
         learning_rate=t.lr,
         max_steps=t.max_steps,
@@ -89,6 +99,7 @@ def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str
         disable_tqdm=False,
         **runtime.trainer_kwargs(),
     )
+    return args | overrides
 
 
 def evaluate(trainer: Any) -> dict[str, float]:
@@ -117,6 +128,35 @@ def train_metrics(trainer: Any, since: float | None = None) -> dict[str, float]:
     if since is not None:
         out["time/train_s"] = round(time.perf_counter() - since, 2)
     return out
+
+
+def train_and_finish(
+    ctx: StageContext,
+    trainer: Any,
+    *,
+    tokenizer: Any,
+    data_info: dict[str, Any],
+    headline: list[str],
+    started: float,
+    lineage: dict[str, Any] | None = None,
+    **collapse: Any,
+) -> dict[str, float]:
+    """The end of a TRL stage's recipe: train under align.guard (checkpoints, SIGTERM/SIGINT,
+    non-finite steps, resume; with ``beta=`` or ``reference_free=True`` the collapse check),
+    evaluate on the held-out rows, save the adapter and the artifact."""
+    from align import guard
+
+    guard.train(ctx, trainer, **collapse)
+    metrics = train_metrics(trainer, since=started) | evaluate(trainer)
+    return finish(
+        ctx,
+        model=trainer.model,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        data_info=data_info,
+        headline=headline,
+        lineage=lineage,
+    )
 
 
 def finish(

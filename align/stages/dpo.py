@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from align import artifacts, backbone, guard, training
+from align import backbone, training
 from align.config import dpo_loss_types
 from align.training import StageContext
 
@@ -21,11 +21,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     from align.trainers import AlignDPOTrainer
 
     cfg = ctx.cfg
-    init = None
-    if cfg.dpo.init:
-        init = artifacts.read(
-            cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
-        )
+    init = training.init_run(cfg, "dpo.init", expect=("sft", "dpo"))
     split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
     args = DPOConfig(
@@ -46,19 +42,16 @@ def run(ctx: StageContext) -> dict[str, float]:
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    # checkpoints, SIGTERM/SIGINT, non-finite steps, resume, collapse (train.max_logp_drop)
-    guard.train(ctx, trainer, beta=cfg.dpo.beta)
-    metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
-    lineage = {
-        "init": str(init.run_dir) if init else None,
-        "reference": "init adapter" if init else "base model",
-    }
-    return training.finish(
+    return training.train_and_finish(
         ctx,
-        model=trainer.model,
+        trainer,
         tokenizer=bb.tokenizer,
-        metrics=metrics,
         data_info=split.info,
         headline=HEADLINE,
-        lineage=lineage,
+        started=started,
+        lineage={
+            "init": str(init.run_dir) if init else None,
+            "reference": "init adapter" if init else "base model",
+        },
+        beta=cfg.dpo.beta,  # collapse check: train.max_logp_drop
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from align import artifacts, backbone, guard, rewards, training
+from align.config import POLICY_STAGES
 from align.training import StageContext
 
 HEADLINE = [
@@ -44,7 +45,7 @@ def run_online(
         init = artifacts.read(
             g.init,
             key=f"{key}.init",
-            expect_stage=("sft", "dpo", "ppo", "grpo", "rloo"),
+            expect_stage=POLICY_STAGES,
             base_model=cfg.model.name_or_path,
         )
     t = cfg.train

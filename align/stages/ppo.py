@@ -9,6 +9,7 @@ reference.
 from __future__ import annotations
 
 from align import artifacts, backbone, guard, training
+from align.config import PREFERENCE_STAGES
 from align.training import StageContext
 
 HEADLINE = ["eval/score", "eval/ref_score", "train/first_scores", "objective/scores", "objective/kl"]
@@ -25,7 +26,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     policy = reward = None
     if p.policy:
         policy = artifacts.read(
-            p.policy, key="ppo.policy", expect_stage=("sft", "dpo", "ppo"), base_model=cfg.model.name_or_path
+            p.policy,
+            key="ppo.policy",
+            expect_stage=("sft", *PREFERENCE_STAGES, "ppo"),
+            base_model=cfg.model.name_or_path,
         )
     reward_fn = None
     if p.reward.startswith(("judge:", "fn:")):
