@@ -243,7 +243,9 @@ def summary_text(
         lines.append(f"  adapter  {ctx.run_dir / ADAPTER_DIR}")
     if (ctx.run_dir / "report.md").is_file():
         lines.append(f"  report   {ctx.run_dir / 'report.md'}")
-    for name in ("curves.png", "eval.png"):
+    from align import plots
+
+    for name in (plots.CURVES_PNG, plots.EVAL_PNG):
         if (ctx.run_dir / name).is_file():
             lines.append(f"  chart    {ctx.run_dir / name}")
     if data_info and "format" in data_info:  # what data.load detected and converted
