@@ -22,9 +22,11 @@ This module imports only the standard library: it runs before torch is imported.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 ENV = "ALIGN_MALLOC"
@@ -88,6 +90,73 @@ def loaded() -> str | None:
     except OSError:
         pass
     return None
+
+
+# jemalloc's mallctl index meaning "every arena"
+_ARENAS_ALL = 4096
+
+
+def _mallctl():
+    """jemalloc's ``mallctl`` when jemalloc is this process's allocator, else None."""
+    if not (loaded() or "").rsplit("/", 1)[-1].startswith("libjemalloc"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _decay(mallctl, name: str, value: int | None = None) -> int | None:
+    """Read (and with ``value`` set) a ssize_t decay time in ms; None where the arena does not exist."""
+    import ctypes
+
+    old, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    new = ctypes.c_ssize_t(value) if value is not None else None
+    rc = mallctl(
+        name.encode(),
+        ctypes.byref(old),
+        ctypes.byref(size),
+        ctypes.byref(new) if new is not None else None,
+        ctypes.sizeof(ctypes.c_ssize_t) if new is not None else 0,
+    )
+    return old.value if rc == 0 else None
+
+
+@contextlib.contextmanager
+def keep_freed_pages() -> Iterator[None]:
+    """Within the block jemalloc keeps the pages it frees (decay off) instead of handing them
+    back to the kernel and faulting them in again on the next allocation; on exit the decay
+    times are restored and what piled up is purged. A decode or scoring loop frees and
+    allocates tens of MB per step (logits, KV-cache buffers): with jemalloc's default decay the
+    page faults made ``stage=eval`` on 200 prompts ~30% slower than on glibc malloc (sys time
+    25 s vs 3 s for 64 prompts, docs/benchmarks.md). A no-op on other allocators."""
+    mallctl = _mallctl()
+    saved: list[tuple[str, int]] = []
+    if mallctl is not None:
+        import ctypes
+
+        n, size = ctypes.c_uint(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+        arenas = (
+            n.value if mallctl(b"arenas.narenas", ctypes.byref(n), ctypes.byref(size), None, 0) == 0 else 0
+        )
+        for i in range(arenas):
+            for kind in ("dirty", "muzzy"):
+                name = f"arena.{i}.{kind}_decay_ms"
+                old = _decay(mallctl, name, -1)
+                if old is not None:
+                    saved.append((name, old))
+    try:
+        yield
+    finally:
+        for name, old in saved:
+            _decay(mallctl, name, old)
+        if saved:
+            mallctl(f"arena.{_ARENAS_ALL}.decay".encode(), None, None, None, 0)
 
 
 def _preload_entries(value: str) -> list[str]:

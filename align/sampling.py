@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from align import malloc
+
 log = logging.getLogger(__name__)
 
 # never more rows in one decode batch than this, whatever the memory allows
@@ -238,6 +240,7 @@ def sample(
     bar = tqdm(total=n, desc=desc, unit="prompt", leave=False, disable=not progress)
     try:
         with (
+            malloc.keep_freed_pages(),
             merged_adapter(model, enabled=merge, dtype=autocast),
             torch.no_grad(),
             _autocast(device, autocast),
@@ -601,7 +604,7 @@ def completion_logprobs(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _autocast(device, autocast):
+        with malloc.keep_freed_pages(), torch.no_grad(), _autocast(device, autocast):
             for start in tqdm(range(0, n, bs), desc=desc, unit="batch", leave=False, disable=not progress):
                 idx = order[start : start + bs]
                 P = max(len(seqs[i][0]) for i in idx)

@@ -209,3 +209,32 @@ def test_the_align_console_script_settles_the_allocator_too(tmp_path):
     assert r.returncode == 0 and "stage:" in r.stdout, r.stderr
     # the first process (before the re-exec) prints glibc, the re-executed one jemalloc
     assert "ALLOCATOR glibc" in r.stderr and "ALLOCATOR jemalloc" in r.stderr
+
+
+KEEP_PAGES_PROBE = """
+import json
+from align import malloc
+m = malloc._mallctl()
+arenas = lambda: [malloc._decay(m, f"arena.{i}.{k}_decay_ms") for i in (0,) for k in ("dirty", "muzzy")]
+before = arenas()
+with malloc.keep_freed_pages():
+    inside = arenas()
+print(json.dumps({"before": before, "inside": inside, "after": arenas()}))
+"""
+
+
+@needs_jemalloc
+def test_keep_freed_pages_turns_jemalloc_decay_off_inside_and_restores_it():
+    """The sampling loops run inside malloc.keep_freed_pages: jemalloc's decay off (no purge and
+    re-fault of the pages a decode step frees), the user's decay times back afterwards."""
+    r = subprocess.run(
+        [sys.executable, "-c", KEEP_PAGES_PROBE],
+        cwd=REPO,
+        env=clean_env(LD_PRELOAD=JEMALLOC, MALLOC_CONF="dirty_decay_ms:1234,muzzy_decay_ms:56"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"before": [1234, 56], "inside": [-1, -1], "after": [1234, 56]}
