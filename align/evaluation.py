@@ -331,8 +331,12 @@ def load(cfg: Any, spec: str) -> Loaded:
         base_path = backbone.resolve_model_path(run_cfg.model)
         tok = backbone.load_tokenizer(base_path, run_cfg.model)
         info |= {"kind": "run", "stage": art.stage, "run_dir": str(art.run_dir), "base_model": art.base_model}
-        if art.manifest.get("adapter", {}).get("kind") == "none":  # full fine-tune: a second, full model
-            model = backbone.load_base_model(str(art.adapter_dir), run_cfg, rt)
+        if art.adapter_kind in ("none", "freeze"):  # full fine-tune / layer freezing: a second model
+            if art.adapter_kind == "none":
+                model = backbone.load_base_model(str(art.adapter_dir), run_cfg, rt)
+            else:  # the base with the run's trained blocks written in
+                model = backbone.load_base_model(base_path, run_cfg, rt)
+                backbone.load_freeze_weights(model, art.adapter_dir)
             base = backbone.load_base_model(base_path, run_cfg, rt)
             ref = Subject("baseline", base)
             return Loaded(

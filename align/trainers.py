@@ -89,7 +89,11 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
         return cache_root() / "ref_logps" / f"{key}.pt"
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        if name == "eval" and not getattr(self, "_eval_ref_due", False):
+        # the held-out reference pass can wait only while the reference is not the policy itself: a PEFT
+        # policy (adapters disabled) or a separate reference model; a full / layer-freezing policy without
+        # one is its own reference at the start only, so its held-out log-probs are taken now
+        deferrable = self.ref_model is not None or hasattr(self.model, "peft_config")
+        if name == "eval" and deferrable and not getattr(self, "_eval_ref_due", False):
             # the held-out set's reference log-probs are computed when it is first evaluated
             # (as TRL without precompute does), not before training starts
             self._eval_ref_batch_size = batch_size

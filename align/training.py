@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from align import artifacts, malloc
+from align.errors import AlignError
 from align.tracking import Tracker, config_dict, is_main_process
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,26 @@ def needed_train_rows(cfg: Any) -> int | None:
     if t.max_steps <= 0:
         return None
     return t.max_steps * t.batch_size * t.grad_accum * world_size()
+
+
+def check_init_kind(cfg: Any, init: Any, key: str) -> None:
+    """A run continued from ``init`` (dpo.init, ...) must use the method ``init`` was trained with
+    (the LoRA family is interchangeable), so its artifact records what it really trained."""
+    from align.config import LORA_KINDS
+
+    have = init.adapter_kind
+    want = str(getattr(cfg.adapter.kind, "value", cfg.adapter.kind))
+    if have == want or (have in LORA_KINDS and want in LORA_KINDS):
+        return
+    if have == "none":
+        raise AlignError(
+            f"{key}={init.run_dir}: was a full fine-tune (adapter=none); export it (stage=export) and use "
+            "its model as model.name_or_path"
+        )
+    raise AlignError(
+        f"{key}={init.run_dir}: was trained with adapter={have}, but this run has adapter={want}; "
+        f"set adapter={have} to continue it"
+    )
 
 
 def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
@@ -138,9 +159,15 @@ def finish(
     run_dir = ctx.run_dir
     elapsed = time.time() - ctx.started
     metrics = {**metrics, "time/wall_s": round(elapsed, 1)}
+    adapter_info = None
+    if model is not None:
+        adapter_info = {"trainable_params": trainable_params(model)}
+        metrics["model/trainable_params"] = float(adapter_info["trainable_params"])
     if is_main_process():
         if model is not None:
             backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
+            adapter_info["size_bytes"] = weights_bytes(run_dir / ADAPTER_DIR)
+            metrics["model/adapter_bytes"] = float(adapter_info["size_bytes"])
         OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
         artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
         ctx.tracker.summary(metrics)
@@ -152,9 +179,20 @@ def finish(
             data=data_info | (lineage or {}),
             metrics=metrics,
             tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
+            adapter_info=adapter_info,
         )
         print(summary_text(ctx, metrics, headline, elapsed, next_hint, data_info), flush=True)
     return metrics
+
+
+def trainable_params(model: Any) -> int:
+    """Parameters that trained: requires_grad ones (TRL's frozen reference adapter copy excluded)."""
+    return int(sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".ref." not in n))
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes of the saved weights (safetensors files) in ``directory``: the adapter's size on disk."""
+    return int(sum(f.stat().st_size for f in Path(directory).glob("*.safetensors")))
 
 
 def _fmt(v: float) -> str:

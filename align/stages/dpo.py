@@ -26,8 +26,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         init = artifacts.read(
             cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
         )
+        training.check_init_kind(cfg, init, "dpo.init")
     split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
+    ref_model = None
+    if init is not None and bb.peft_config is None and not hasattr(bb.model, "peft_config"):
+        # adapter=freeze from a freeze run: the reference is that run's model (TRL would reload the base)
+        ref_model, _, _ = backbone.load_trained(cfg, init.adapter_dir)
+        ref_model.requires_grad_(False)
     args = DPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
@@ -40,6 +46,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     started = time.perf_counter()  # tokenization + reference pass + training
     trainer = AlignDPOTrainer(
         model=bb.model,
+        ref_model=ref_model,
         args=args,
         train_dataset=split.train,
         eval_dataset=split.eval,

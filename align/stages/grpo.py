@@ -47,6 +47,12 @@ def run_online(
             expect_stage=("sft", "dpo", "ppo", "grpo", "rloo"),
             base_model=cfg.model.name_or_path,
         )
+        init.require_kind(
+            f"{key}.init",
+            ("lora", "qlora", "dora"),
+            f"stage={key} continues LoRA/DoRA/QLoRA runs; train the start with adapter=lora, or export a "
+            "freeze/full run (stage=export) and use its model as model.name_or_path",
+        )
     t = cfg.train
     prompts_per_step = t.batch_size * t.grad_accum * training.world_size() // g.num_generations
     needed = prompts_per_step * t.max_steps * g.num_iterations if t.max_steps > 0 else None
