@@ -322,6 +322,14 @@ class EvalStageConfig:
     top_p: float = 1.0
     samples_to_log: int = 16  # rows of the W&B table / report.md sample section
     dpo_beta: float | None = None  # implicit DPO reward scale; None: the evaluated run's dpo.beta
+    # forgetting check on general data unrelated to training (docs/methods.md): perplexity of
+    # held-out general text, KL(base || tuned) on the base's greedy answers, exact-match on short
+    # answers the base gets right. general: a directory with general_text/prompts/qa.jsonl
+    # (None: the shipped reward_data/); max_general: rows of each (0 skips the check)
+    forgetting: bool = True
+    general: str | None = None
+    max_general: int = 32
+    general_new_tokens: int = 48
 
 
 @dataclass
@@ -637,6 +645,10 @@ def validate_eval(cfg: Any) -> None:
         raise AlignError(f"eval.temperature={e.temperature} must be >= 0 (0: greedy)")
     if not 0 < e.top_p <= 1:
         raise AlignError(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if e.max_general < 0 or e.general_new_tokens <= 0:
+        raise AlignError(
+            "eval.max_general must be >= 0 (0: no forgetting check) and eval.general_new_tokens > 0"
+        )
     if e.samples_to_log < 0:
         raise AlignError(f"eval.samples_to_log={e.samples_to_log} must be >= 0")
 

@@ -49,6 +49,9 @@ HEADLINE = [
     "kl/token",
     "length/tokens",
     "length/words",
+    "forgetting/ppl_ratio",
+    "forgetting/kl_base_tuned",
+    "forgetting/qa_retained",
 ]
 
 
@@ -422,6 +425,180 @@ def held_out_rows(cfg: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
     return prompts, pairs, info | {"prompt_rows": len(prompts), "pair_rows": len(pairs)}
 
 
+# --------------------------------------------------------------------------- forgetting
+
+# The verdict's thresholds (docs/methods.md): the base against itself gives exactly ratio 1, KL 0
+# and 100% retained, so they only need to clear what a benign tune moves. A LoRA SFT on the
+# shipped data moves held-out general perplexity by a few percent; 10% more is beyond that.
+# Losing more than 1 in 10 short answers the base knew (and at least 2, so one flipped answer of
+# a small set is not a verdict) is a loss a user would notice.
+FORGET_PPL_RATIO = 1.10
+FORGET_RETAINED = 0.90
+FORGET_MIN_LOST = 2
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles dropped, whitespace collapsed (SQuAD-style)."""
+    import re
+
+    text = re.sub(r"[^\w\s.-]", " ", text.lower()).replace("-", " ")
+    words = [w.strip(".") for w in text.split()]
+    return " ".join(w for w in words if w and w not in ("a", "an", "the"))
+
+
+def answer_matches(answer: str, completion: str) -> bool:
+    """Exact match of the normalized answer with the normalized completion, or with a whole-word
+    span of it (``12`` matches ``7 + 5 = 12.``; ``1`` does not match ``12``)."""
+    a, c = normalize_answer(answer), normalize_answer(completion)
+    return bool(a) and (a == c or f" {a} " in f" {c} ")
+
+
+def perplexity(logps: list[list[float]]) -> float:
+    """exp of the mean negative log-prob, pooled over every token of every text."""
+    n = sum(len(x) for x in logps)
+    return math.exp(-sum(sum(x) for x in logps) / n) if n else math.nan
+
+
+def forgetting_verdict(m: dict[str, float]) -> str:
+    """One line: whether the tuned model forgot general ability, by the thresholds above."""
+    reasons = []
+    ratio = m.get("forgetting/ppl_ratio", math.nan)
+    if ratio > FORGET_PPL_RATIO:
+        reasons.append(f"general-text perplexity x{ratio:.2f} the base's (threshold x{FORGET_PPL_RATIO:.2f})")
+    kept, known = m.get("forgetting/qa_retained", math.nan), m.get("forgetting/qa_base_correct", 0.0)
+    lost = round((1 - kept) * known) if not math.isnan(kept) else 0
+    if not math.isnan(kept) and kept < FORGET_RETAINED and lost >= FORGET_MIN_LOST:
+        reasons.append(f"lost {lost} of {known:.0f} short answers the base got right ({kept:.0%} kept)")
+    if reasons:
+        return (
+            "FORGETTING: " + "; ".join(reasons) + " (reduce it: lower train.lr, a PEFT method, data.replay)"
+        )
+    return f"no forgetting beyond the thresholds (perplexity x{ratio:.2f} <= x{FORGET_PPL_RATIO:.2f}; " + (
+        f"{kept:.0%} of {known:.0f} known answers kept)" if not math.isnan(kept) else "no known answers)"
+    )
+
+
+def general_rows(cfg: Any) -> tuple[list[str], list[Any], list[dict], dict[str, Any]]:
+    """(texts, prompts, qa rows, info): the first eval.max_general rows of each general file."""
+    from align import data
+
+    e = cfg.eval
+    d = Path(e.general).expanduser() if e.get("general") else data.reward_data_dir()
+    n = int(e.max_general)
+    paths = {k: d / f"general_{k}.jsonl" for k in ("text", "prompts", "qa")}
+    for k, p in paths.items():
+        if not p.is_file():
+            raise AlignError(
+                f"eval.general={d}: no general_{k}.jsonl (the forgetting check reads general_text, general_prompts "
+                "and general_qa.jsonl; see reward_data/generate_general.py), or set eval.forgetting=false"
+            )
+    texts = [r.data["text"] for r in data.read_rows(str(paths["text"]))][:n]
+    prompts = [r["prompt"] for r in data.validate_rows(data.read_rows(str(paths["prompts"])), "prompt")][:n]
+    qa = []
+    for r in data.read_rows(str(paths["qa"]))[:n]:
+        if "prompt" not in r.data or "answer" not in r.data:
+            raise AlignError(f"{r.where}: a general_qa row needs 'prompt' and 'answer'")
+        qa.append({"prompt": r.data["prompt"], "answer": str(r.data["answer"])})
+    info = {"dir": str(d), "texts": len(texts), "prompts": len(prompts), "qa": len(qa)}
+    return texts, prompts, qa, info
+
+
+def forgetting_metrics(
+    base: Subject,
+    tuned: Subject,
+    tokenizer: Any,
+    texts: list[str],
+    prompts: list[Any],
+    qa: list[dict],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int = 0,
+    device: str = "cpu",
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The three forgetting figures of ``tuned`` against ``base`` on general data:
+
+    * ``forgetting/ppl_base``, ``forgetting/ppl``, ``forgetting/ppl_ratio``: perplexity of the
+      held-out texts (every token after the first);
+    * ``forgetting/kl_base_tuned``: KL(base || tuned) per token on the base's own greedy answers to
+      the general prompts, sum(log p_base - log p_tuned) / tokens: how much of what the base would
+      say the tuned model now finds unlikely;
+    * ``forgetting/qa_base_correct``, ``forgetting/qa_retained``: of the short-answer questions the
+      base answers correctly (:func:`answer_matches`), the share the tuned model still does.
+
+    Returns (metrics, the QA rows the tuned model lost, for the report)."""
+    out: dict[str, float] = {}
+    if texts:
+        seqs = []
+        for t in texts:
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
+            if len(ids) >= 2:
+                seqs.append((ids[:1], ids[1:]))
+        with base.active() as m:
+            lp_base = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general text base")
+        with tuned.active() as m:
+            lp_tuned = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general text tuned")
+        out["forgetting/ppl_base"] = perplexity(lp_base)
+        out["forgetting/ppl"] = perplexity(lp_tuned)
+        out["forgetting/ppl_ratio"] = out["forgetting/ppl"] / out["forgetting/ppl_base"]
+    if prompts:
+        with base.active() as m:
+            gens = generate(
+                m,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                device=device,
+                desc="general base",
+            )
+        seqs = [(g.prompt_ids, g.ids) for g in gens if g.ids]
+        lp_base = [g.logprobs for g in gens if g.ids]
+        with tuned.active() as m:
+            lp_tuned = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general KL tuned")
+        out["forgetting/kl_base_tuned"] = kl_metrics(lp_base, lp_tuned)["kl/token"]
+    lost: list[dict[str, Any]] = []
+    if qa:
+        qa_tokens = 24
+        with base.active() as m:
+            base_ans = generate(
+                m,
+                tokenizer,
+                [r["prompt"] for r in qa],
+                max_new_tokens=qa_tokens,
+                batch_size=batch_size,
+                device=device,
+                desc="general QA base",
+            )
+        known = [
+            (r, g.text) for r, g in zip(qa, base_ans, strict=True) if answer_matches(r["answer"], g.text)
+        ]
+        out["forgetting/qa_base_accuracy"] = len(known) / len(qa)
+        out["forgetting/qa_base_correct"] = float(len(known))
+        if known:
+            with tuned.active() as m:
+                tuned_ans = generate(
+                    m,
+                    tokenizer,
+                    [r["prompt"] for r, _ in known],
+                    max_new_tokens=qa_tokens,
+                    batch_size=batch_size,
+                    device=device,
+                    desc="general QA tuned",
+                )
+            kept = [answer_matches(r["answer"], g.text) for (r, _), g in zip(known, tuned_ans, strict=True)]
+            out["forgetting/qa_retained"] = sum(kept) / len(kept)
+            lost = [
+                {"prompt": _show(r["prompt"]), "answer": r["answer"], "base": b, "tuned": g.text}
+                for (r, b), g, k in zip(known, tuned_ans, kept, strict=True)
+                if not k
+            ]
+        else:
+            out["forgetting/qa_retained"] = math.nan
+    out["forgetting/flag"] = 1.0 if forgetting_verdict(out).startswith("FORGETTING") else 0.0
+    return out, lost
+
+
 # --------------------------------------------------------------------------- the report
 
 
@@ -539,12 +716,44 @@ def run(
             results["model"]["dpo/beta"] = L.dpo_beta
         timing["time/pairs_s"] = round(time.time() - t0, 1)
 
+    forgetting: dict[str, Any] | None = None
+    if e.get("forgetting", True) and int(e.get("max_general", 0)) > 0:
+        base_subject = (
+            L.kl_ref if L.kl_ref is not None else (L.model if L.info.get("kind") == "base" else None)
+        )
+        if base_subject is None:
+            log.info("forgetting check skipped: no base model to compare with (eval.baseline=none)")
+        else:
+            t0 = time.time()
+            texts, g_prompts, qa, g_info = general_rows(cfg)
+            fm, lost = forgetting_metrics(
+                base_subject,
+                L.model,
+                L.tokenizer,
+                texts,
+                g_prompts,
+                qa,
+                max_length=max_len,
+                max_new_tokens=int(e.general_new_tokens),
+                batch_size=bs,
+                device=L.device,
+            )
+            results["model"] |= fm
+            forgetting = {
+                "verdict": forgetting_verdict(fm),
+                "data": g_info,
+                "lost": lost[: int(e.samples_to_log)],
+            }
+            timing["time/forgetting_s"] = round(time.time() - t0, 1)
+
     delta = {}
     if L.baseline is not None:
         delta = {
             k: results["model"][k] - results["baseline"][k]
             for k in results["model"]
-            if k in results["baseline"] and not k.endswith(("/prompts", "/instructions", "/pairs"))
+            if k in results["baseline"]
+            and not k.endswith(("/prompts", "/instructions", "/pairs"))
+            and not k.startswith("forgetting/")
         }
     timing["time/eval_s"] = round(time.time() - started, 1)
     samples = _samples(prompts, gens, int(e.samples_to_log))
@@ -570,6 +779,7 @@ def run(
         "metrics": {"model": results["model"], "baseline": results.get("baseline"), "delta": delta or None},
         "per_type": {"model": per_type.get("model", {}), "baseline": per_type.get("baseline")},
         "samples": samples,
+        "forgetting": forgetting,
         "time": timing,
     }
     report["flat"] = flat_metrics(report)
@@ -577,6 +787,10 @@ def run(
     from align.artifacts import write_json_atomic, write_text_atomic
 
     write_json_atomic(out_dir / EVAL_JSON, report)
+    if forgetting:
+        import sys
+
+        print(f"align: forgetting: {forgetting['verdict']}", file=sys.stderr, flush=True)
     write_text_atomic(out_dir / REPORT_MD, report_markdown(report))
     if tracker is not None:
         tracker.log(report["flat"])
@@ -675,6 +889,24 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["| metric | model |", "|---|---:|"]
         for k in keys:
             lines.append(f"| {k} | {_fmt(model[k], any(p in k for p in PCT))} |")
+    fg = report.get("forgetting")
+    if fg:
+        lines += ["", "## Forgetting (general data unrelated to training)", "", f"**{fg['verdict']}**", ""]
+        lines += ["| figure | base | model |", "|---|---:|---:|"]
+        lines.append(
+            f"| perplexity, held-out general text ({fg['data']['texts']} texts) | "
+            f"{_fmt(model.get('forgetting/ppl_base'))} | {_fmt(model.get('forgetting/ppl'))} |"
+        )
+        lines.append(
+            f"| KL(base \\|\\| model) per token, base's greedy answers ({fg['data']['prompts']} prompts) | 0 | "
+            f"{_fmt(model.get('forgetting/kl_base_tuned'))} |"
+        )
+        lines.append(
+            f"| short answers the base gets right ({_fmt(model.get('forgetting/qa_base_correct'))} of "
+            f"{fg['data']['qa']}): still right | 100.0% | {_fmt(model.get('forgetting/qa_retained'), True)} |"
+        )
+        for x in fg.get("lost") or []:
+            lines.append(f"- lost: {x['prompt']!r} -> expected {x['answer']!r}, model said {x['tuned']!r}")
     pt_model = report["per_type"]["model"] or {}
     pt_base = report["per_type"]["baseline"] or {}
     if pt_model:
