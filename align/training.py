@@ -68,14 +68,29 @@ def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
     with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``."""
     from align import backbone, data
 
-    return data.load(
+    tokenizer = backbone.tokenizer_for(cfg)
+    split = data.load(
         cfg.data,
         kind,
         seed=cfg.seed,
         needed_train_rows=needed_train_rows,
-        tokenizer=backbone.tokenizer_for(cfg),
+        tokenizer=tokenizer,
         max_length=cfg.model.max_length,
     )
+    if cfg.data.get("replay") and kind == "sft":
+        split = data.mix_replay(
+            split,
+            cfg.data,
+            seed=cfg.seed,
+            fixed_budget=needed_train_rows is not None,
+            tokenizer=tokenizer,
+            max_length=cfg.model.max_length,
+        )
+        if is_main_process():
+            import sys
+
+            print(f"align: data: replay: {data.replay_line(split.info)}", file=sys.stderr, flush=True)
+    return split
 
 
 def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
@@ -223,6 +238,10 @@ def summary_text(
         from align.data import format_line
 
         lines.append(f"  data     {format_line(data_info)}")
+    if data_info and "replay" in data_info:  # data.replay: general rows mixed in
+        from align.data import replay_line
+
+        lines.append(f"  replay   {replay_line(data_info)}")
     shown = [k for k in headline if k in metrics]
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
