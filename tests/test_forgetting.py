@@ -32,9 +32,38 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def general_dir(tiny_model, tmp_path_factory):
-    """General data for the tiny model; the short answers are the base's own greedy first words, so
+def general_base(tiny_model, tmp_path_factory):
+    """A base that knows the general texts: the random tiny model trained on them (a random model
+    knows nothing to forget; any tuning would lower its perplexity everywhere)."""
+    import torch
+
+    d = tmp_path_factory.mktemp("general-base")
+    cfg = compose("stage=eval", *tiny_overrides(tiny_model))
+    model = backbone.load_base_model(str(tiny_model), cfg, backbone.detect_runtime(cfg))
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    batch = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    width = max(map(len, batch))
+    ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in batch])
+    labels = torch.tensor([x + [-100] * (width - len(x)) for x in batch])
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss.backward()
+        opt.step()
+    model.save_pretrained(d, safe_serialization=True)
+    for f in tiny_model.iterdir():  # the tokenizer files exactly as the tiny model ships them
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def general_dir(general_base, tmp_path_factory):
+    """General data for the general base; the short answers are its own greedy first words, so
     the base gets every one right."""
+    tiny_model = general_base
     d = tmp_path_factory.mktemp("general")
     cfg = compose("stage=eval", *tiny_overrides(tiny_model))
     rt = backbone.detect_runtime(cfg)
@@ -70,7 +99,8 @@ def test_answer_matching_and_the_verdict():
     assert evaluation.forgetting_verdict(one).startswith("no forgetting")  # 1 answer is not a verdict
 
 
-def test_forgetting_of_the_base_against_itself_is_zero(tiny_model, general_dir):
+def test_forgetting_of_the_base_against_itself_is_zero(general_base, general_dir):
+    tiny_model = general_base
     cfg = compose("stage=eval", *tiny_overrides(tiny_model, f"eval.general={general_dir}"))
     model = backbone.load_base_model(str(tiny_model), cfg, backbone.detect_runtime(cfg))
     tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
@@ -87,9 +117,11 @@ def test_forgetting_of_the_base_against_itself_is_zero(tiny_model, general_dir):
     assert m["forgetting/flag"] == 0.0 and lost == []
 
 
-def test_forgetting_moves_for_a_model_overfitted_on_a_narrow_task(tiny_model, general_dir, tmp_path):
-    """Full fine-tuning at a huge lr on 32 rows of one task: the general text gets less likely, the
-    base's own answers too, and known short answers are lost. train.eval_at_end reports it."""
+def test_forgetting_moves_for_a_model_overfitted_on_a_narrow_task(general_base, general_dir, tmp_path):
+    """From a base that knows the general texts, full fine-tuning at a large lr on 32 rows of one
+    task: the general text gets less likely, the base's own answers too, and known short answers
+    are lost. train.eval_at_end reports it."""
+    tiny_model = general_base
     run = tmp_path / "sft"
     cfg = compose(
         "stage=sft",
