@@ -557,6 +557,12 @@ def validate_adapter(cfg: Any) -> None:
             "forward that takes past_key_values, which transformers 5's *ForSequenceClassification models do "
             "not; use adapter=prompt (soft prompt) or adapter=ia3 for a small classifier"
         )
+    if kind == "prompt" and stage == "rm":
+        raise AlignError(
+            "adapter=prompt with stage=rm: peft passes the soft prompt to the model as embeddings, so the "
+            "reward head cannot find each row's last real token in a padded batch (it reads the last "
+            "position, padding for shorter rows); use adapter=ia3 or adapter=lora for a reward model"
+        )
     if kind == "freeze" and a.train_layers < 1:
         raise AlignError(
             f"adapter.train_layers={a.train_layers}: train at least the top block (1); "

@@ -213,11 +213,19 @@ def test_stage_eval_and_export_load_every_kind(tiny_model, sft_runs, kind, tmp_p
 
 
 @pytest.mark.parametrize(
-    "kind,stage", [("freeze", "dpo"), ("prefix", "dpo"), ("prompt", "rm"), ("ia3", "rm"), ("ia3", "classify")]
+    "kind,stage",
+    [
+        ("freeze", "dpo"),
+        ("prefix", "dpo"),
+        ("prompt", "dpo"),
+        ("prompt", "classify"),
+        ("ia3", "rm"),
+        ("ia3", "classify"),
+    ],
 )
 def test_new_kinds_run_dpo_rm_and_classify(tiny_model, tmp_path, kind, stage):
     pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees", "music"], 32, 0)
-    extra = [f"adapter={kind}", "train.max_steps=8", "train.batch_size=4", "train.lr=2e-2"]
+    extra = [f"adapter={kind}", "train.max_steps=12", "train.batch_size=4", f"train.lr={LR[kind]}"]
     extra += (
         [f"data.train={pairs}"] if stage != "classify" else ["data.max_train_rows=32", "data.max_eval_rows=8"]
     )
@@ -258,6 +266,7 @@ def test_dpo_continues_a_freeze_sft_run_with_it_as_reference(tiny_model, sft_run
         (["stage=rlhf", "adapter=ia3"], "adapter=ia3 with stage=rlhf.*adapter=lora"),
         (["stage=grpo", "adapter=prompt"], "adapter=prompt with stage=grpo is not supported.*adapter=lora"),
         (["stage=rm", "adapter=prefix"], "adapter=prefix with stage=rm.*adapter=prompt"),
+        (["stage=rm", "adapter=prompt"], "adapter=prompt with stage=rm.*adapter=ia3"),
         (["stage=sft", "adapter=prefix", "train.packing=true"], "train.packing=true.*packing=false"),
         (["stage=classify", "adapter=prompt", "classify.packing=true"], "classify.packing=true"),
         (["stage=sft", "adapter=freeze", "adapter.train_layers=0"], "adapter.train_layers=0"),
