@@ -85,7 +85,8 @@ class Runtime:
             "use_cpu": self.device == "cpu",
             "bf16": self.bf16,
             "fp16": self.fp16,
-            "gradient_checkpointing": self.gradient_checkpointing,
+            # transformers 5's name (``gradient_checkpointing`` is its deprecated alias)
+            "activation_checkpointing": self.gradient_checkpointing,
         }
 
 
@@ -147,6 +148,16 @@ def checkpoint_every_nth_layer(model: Any, every: int) -> int:
         if every > 1 and layer.gradient_checkpointing:
             layer.gradient_checkpointing = i % every == 0
     return sum(bool(layer.gradient_checkpointing) for layer in layers)
+
+
+def enable_checkpointing(model: Any, kwargs: dict[str, Any] | None = None) -> None:
+    """Activation (gradient) checkpointing on ``model``, by transformers 5's name where it has
+    it (``gradient_checkpointing_enable`` is its deprecated alias and warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def checkpoint_callback(every: int) -> Any:

@@ -16,11 +16,29 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from align.errors import AlignError
 
-STAGES = ("sft", "dpo", "rm", "ppo", "rlhf", "export", "eval", "grpo", "rloo", "classify")
+STAGES = (
+    "sft",
+    "dpo",
+    "rm",
+    "ppo",
+    "rlhf",
+    "export",
+    "eval",
+    "grpo",
+    "rloo",
+    "classify",
+    "kto",
+    "orpo",
+    "simpo",
+)
+# preference optimisers: their run directory holds a policy adapter trained on preferences
+PREFERENCE_STAGES = ("dpo", "kto", "orpo", "simpo")
+# stages whose output is a causal-LM policy (what stage=eval, export, ppo.policy and *.init take)
+POLICY_STAGES = ("sft", *PREFERENCE_STAGES, "ppo", "grpo", "rloo")
 
 
 class AdapterKind(str, Enum):
@@ -40,7 +58,8 @@ LORA_KINDS = ("lora", "qlora", "dora")
 PROMPT_LEARNING_KINDS = ("prefix", "prompt")
 # the kinds of issue 13 and the stages they are supported (and tested) with
 NEW_KINDS = ("freeze", "prefix", "prompt", "ia3")
-NEW_KIND_STAGES = ("sft", "dpo", "rm", "classify", "eval", "export")
+NEW_KIND_TRAINING = ("sft", *PREFERENCE_STAGES, "rm", "classify")
+NEW_KIND_STAGES = (*NEW_KIND_TRAINING, "eval", "export")
 # stages that train on supervised (prompt + response) rows, where data.replay mixes general rows in
 REPLAY_STAGES = ("sft",)
 
@@ -172,8 +191,11 @@ class TrainConfig:
     save_total_limit: int = 2  # keep the last K checkpoints
     on_nan: OnNaN = OnNaN.stop  # a non-finite loss or gradient: stop | skip the step
     # preference stages: the policy's log-prob of the chosen responses fell this many nats below
-    # where it started (DPO: -rewards/chosen / beta) -> a collapse (see README); null: no check
+    # where it started (DPO, KTO: -rewards/chosen / beta) -> a collapse (see README); null: no check
     max_logp_drop: float | None = 10.0
+    # the same for the reference-free stages (orpo, simpo), whose TRL trainers log the chosen
+    # responses' log-prob per token: this many nats per token below the first logged value
+    max_token_logp_drop: float | None = 1.0
     on_collapse: OnCollapse = OnCollapse.warn
 
 
@@ -239,6 +261,41 @@ class DPOStageConfig:
     label_smoothing: float = 0.0
     init: str | None = None  # an SFT run directory: its adapter is the start AND the frozen reference
     precompute_ref_log_probs: bool = True  # once per (reference, data), cached on disk across runs
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL 1.16's KTOConfig.loss_type
+
+
+@dataclass
+class KTOStageConfig:
+    """stage=kto (TRL's KTOTrainer): unpaired feedback (prompt, completion, label) or pairs,
+    which are split into a desirable and an undesirable row each."""
+
+    beta: float = 0.1
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    desirable_weight: float = 1.0  # weigh the rarer label up (KTO paper, Eq. 8: ratio in [1, 4/3])
+    undesirable_weight: float = 1.0
+    init: str | None = None  # an SFT (or preference) run directory: the start AND the frozen reference
+    precompute_ref_log_probs: bool = False  # reference pass over the data once, before training
+
+
+@dataclass
+class ORPOStageConfig:
+    """stage=orpo (TRL's experimental ORPOTrainer): SFT loss + odds-ratio preference term, no reference."""
+
+    beta: float = 0.1  # lambda of the ORPO paper: weight of the odds-ratio term
+    init: str | None = None  # a run directory whose adapter is the starting policy
+
+
+@dataclass
+class SimPOStageConfig:
+    """stage=simpo (TRL's experimental CPOTrainer, loss_type=simpo): length-normalised, reference-free."""
+
+    beta: float = 2.0  # reward scale on the mean per-token log-prob (SimPO paper: 2.0-2.5)
+    gamma: float = 1.0  # target reward margin (TRL's simpo_gamma; SimPO paper: gamma/beta ~0.5)
+    cpo_alpha: float = 0.0  # weight of an NLL term on the chosen responses (CPO-SimPO); 0: plain SimPO
+    label_smoothing: float = 0.0
+    init: str | None = None  # a run directory whose adapter is the starting policy
 
 
 @dataclass
@@ -309,7 +366,9 @@ class PPOStageConfig:
 class EvalStageConfig:
     """stage=eval (and train.eval_at_end): a held-out alignment report. See docs/eval.md."""
 
-    model: str = "base"  # a run dir (sft/dpo/ppo/grpo/rloo), a model dir or hub id, or base (model.*)
+    # a run dir (sft/dpo/ppo/grpo/rloo), a model dir or hub id, or base (model.*); or a list of
+    # them, [base,<run a>,<run b>]: one side-by-side table on the same prompts (a str or list)
+    model: Any = "base"
     baseline: str = "base"  # base: the same base model (adapters disabled), side by side; none: skip it
     reward: str | None = None  # an rm run dir: mean reward-model score and win-rate judged by it
     prompts: str | None = None  # prompts (+ constraints) file; None: reward_data/prompts_test.jsonl
@@ -377,9 +436,11 @@ class RLHFStageConfig:
 
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
     sft: TrainConfig = _rlhf_train(lr=2e-4, max_steps=24, batch_size=4, logging_steps=4)
-    rm: TrainConfig = _rlhf_train(lr=1e-4, max_steps=24, batch_size=4, logging_steps=4)
+    rm: TrainConfig = _rlhf_train(lr=3e-4, max_steps=48, batch_size=8, logging_steps=8)
+    # rm and ppo as their own stages' defaults (conf/stage/rm.yaml, conf/stage/ppo.yaml; the
+    # ppo.* keys are in conf/stage/rlhf.yaml); measured in docs/ppo.md "stage=rlhf"
     ppo: TrainConfig = _rlhf_train(
-        lr=2e-5, max_steps=6, batch_size=4, logging_steps=1, gradient_checkpointing=True
+        lr=3e-4, max_steps=16, batch_size=8, logging_steps=1, gradient_checkpointing=True
     )
     # data.train for one sub-stage (each needs its own row kind); None: data.train / data.name
     sft_data: str | None = None
@@ -407,6 +468,9 @@ class AlignConfig:
     grpo: GRPOStageConfig = field(default_factory=GRPOStageConfig)
     rloo: RLOOStageConfig = field(default_factory=RLOOStageConfig)
     classify: ClassifyStageConfig = field(default_factory=ClassifyStageConfig)
+    kto: KTOStageConfig = field(default_factory=KTOStageConfig)
+    orpo: ORPOStageConfig = field(default_factory=ORPOStageConfig)
+    simpo: SimPOStageConfig = field(default_factory=SimPOStageConfig)
     # stage=export: export.from=<run dir> (a dict: `from` is a Python keyword); see align/stages/export.py
     export: dict[str, Any] = field(
         default_factory=lambda: {"from": None, "push_to_hub": False, "hub_id": None, "private": True}
@@ -488,6 +552,8 @@ def validate(cfg: Any) -> None:
             )
         if cfg.dpo.beta <= 0:
             raise AlignError(f"dpo.beta={cfg.dpo.beta} must be positive")
+    if cfg.stage in ("kto", "orpo", "simpo"):
+        validate_preference(cfg)
     if cfg.stage in ("ppo", "rlhf"):
         validate_ppo(cfg)
     if cfg.stage == "eval" or cfg.train.eval_at_end:
@@ -549,7 +615,7 @@ def validate_adapter(cfg: Any) -> None:
     if stage not in NEW_KIND_STAGES:
         raise AlignError(
             f"adapter={kind} with stage={stage} is not supported (adapter={kind} works with stage="
-            f"{', '.join(NEW_KIND_STAGES[:4])}); use adapter=lora, qlora, dora or none for stage={stage}"
+            f"{', '.join(NEW_KIND_TRAINING)}); use adapter=lora, qlora, dora or none for stage={stage}"
         )
     if kind == "prefix" and stage in ("rm", "classify"):
         raise AlignError(
@@ -586,6 +652,29 @@ def validate_adapter(cfg: Any) -> None:
                 f"adapter={kind} with classify.packing=true: packed rows need block-diagonal attention, which "
                 f"peft's {kind} tuning does not pass through; set classify.packing=false (or use adapter=lora)"
             )
+
+
+def validate_preference(cfg: Any) -> None:
+    """stage=kto / orpo / simpo."""
+    key = cfg.stage
+    g = cfg[key]
+    if g.beta <= 0:
+        raise AlignError(f"{key}.beta={g.beta} must be positive")
+    if key == "kto":
+        if g.loss_type not in KTO_LOSS_TYPES:
+            raise AlignError(f"kto.loss_type={g.loss_type!r}: use {' or '.join(KTO_LOSS_TYPES)}")
+        if g.desirable_weight <= 0 or g.undesirable_weight <= 0:
+            raise AlignError("kto.desirable_weight and kto.undesirable_weight must be positive")
+        if g.loss_type == "kto" and cfg.train.batch_size < 2:
+            raise AlignError(
+                f"train.batch_size={cfg.train.batch_size}: KTO estimates its KL term from the other rows of a "
+                "batch, so it needs at least 2 (or kto.loss_type=apo_zero_unpaired)"
+            )
+    if key == "simpo":
+        if g.cpo_alpha < 0:
+            raise AlignError(f"simpo.cpo_alpha={g.cpo_alpha} must be >= 0 (0: plain SimPO)")
+        if not 0 <= g.label_smoothing < 0.5:
+            raise AlignError(f"simpo.label_smoothing={g.label_smoothing} must be in [0, 0.5)")
 
 
 def validate_ppo(cfg: Any) -> None:
@@ -635,8 +724,12 @@ def validate_ppo(cfg: Any) -> None:
 
 def validate_eval(cfg: Any) -> None:
     e = cfg.eval
-    if not str(e.model).strip():
-        raise AlignError("eval.model is empty; give a run directory, a model directory or hub id, or base")
+    specs = [e.model] if isinstance(e.model, str) or not hasattr(e.model, "__iter__") else list(e.model)
+    if not specs or any(s is None or isinstance(s, dict | DictConfig) or not str(s).strip() for s in specs):
+        raise AlignError(
+            "eval.model is empty; give a run directory, a model directory or hub id, or base "
+            "(or a list of them: eval.model=[base,<run a>,<run b>])"
+        )
     if e.baseline not in ("base", "none"):
         raise AlignError(f"eval.baseline={e.baseline!r}: use base (side by side with the base model) or none")
     if e.max_prompts < 0 or e.max_pairs < 0:

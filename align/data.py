@@ -13,6 +13,9 @@ and converts to them (HH-RLHF transcripts, UltraFeedback, ShareGPT, Alpaca, ...)
   prompt), ``prompt`` + ``completion``, or plain ``text``.
 * prompt (grpo, rloo, ppo, eval): ``prompt`` (+ ``constraints``, ``id``).
 * classify: ``text`` + ``label`` (an int, a bool or a string) + an optional numeric ``weight``.
+* unpaired (kto): ``prompt`` + ``completion`` (strings or message lists) + ``label`` (true: a
+  desirable completion, false: an undesirable one). A file of preference pairs is read too:
+  each pair becomes a desirable and an undesirable row (:func:`unpair`).
 
 Any column may have another name in the file: ``data.columns.<canonical>=<file column>``
 (e.g. ``data.columns.text=code``) renames it as the rows are read, for every stage, before
@@ -56,6 +59,8 @@ SHIPPED = {
     ("ifeval", "prompt"): ("prompts_train.jsonl", "prompts_test.jsonl"),
     ("tiny", "sft"): ("tiny_sft.jsonl", None),
     ("tiny", "preference"): ("tiny_pairs.jsonl", None),
+    ("ifeval", "unpaired"): ("pairs_train.jsonl", "pairs_test.jsonl"),  # pairs, split by unpair()
+    ("tiny", "unpaired"): ("tiny_pairs.jsonl", None),
     ("defects", "classify"): ("defects_train.jsonl", "defects_test.jsonl"),
     ("defects_imbalanced", "classify"): ("defects_imbalanced_train.jsonl", "defects_imbalanced_test.jsonl"),
 }
@@ -672,7 +677,55 @@ def classify_row(row: Row) -> dict[str, Any]:
     return out
 
 
-CONVERTERS = {"preference": preference_row, "sft": sft_row, "prompt": prompt_row, "classify": classify_row}
+def _label(row: Row) -> bool:
+    """An unpaired row's ``label``: true/false (also as a CSV cell "true"/"false") or 1/0."""
+    value = row.data.get("label")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    raise AlignError(
+        f"{row.where}: 'label' must be true (a desirable completion) or false (an undesirable one), "
+        f"got {value!r}"
+    )
+
+
+def unpaired_row(row: Row) -> dict[str, Any]:
+    prompt = _text_or_messages(row, "prompt")
+    completion = _text_or_messages(row, "completion")
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise AlignError(f"{row.where}: prompt and completion must both be strings or both message lists")
+    if "label" not in row.data or row.data["label"] is None:
+        raise AlignError(f"{row.where}: missing column 'label' (true: desirable, false: undesirable)")
+    return {"prompt": prompt, "completion": completion, "label": _label(row)}
+
+
+def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unpaired rows from preference pairs: each pair's chosen is a desirable row, its rejected an
+    undesirable one. Two pairs at a time they go in the order chosen a, chosen b, rejected a,
+    rejected b, so every batch of 4 (in order: KTO samples sequentially) holds two of each, and no
+    row follows one with the same prompt: KTO's KL estimate pairs each prompt with the completion
+    of the row before it, which must answer another prompt."""
+    out: list[dict[str, Any]] = []
+
+    def row(p: dict[str, Any], key: str) -> dict[str, Any]:
+        return {"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+
+    for i in range(0, len(pairs), 2):
+        two = pairs[i : i + 2]
+        out += [row(p, "chosen") for p in two] + [row(p, "rejected") for p in two]
+    return out
+
+
+CONVERTERS = {
+    "preference": preference_row,
+    "sft": sft_row,
+    "prompt": prompt_row,
+    "classify": classify_row,
+    "unpaired": unpaired_row,
+}
 
 
 def validate_rows(rows: list[Row], kind: str, columns: Any = None) -> list[dict[str, Any]]:
@@ -696,7 +749,7 @@ def _validated(
         return Row(r.where, formats.convert(r, fmt))
 
     # ---- end of the format hook
-    convert = CONVERTERS[kind]
+    convert = CONVERTERS[fmt.kind]  # a kind may read another kind's layouts (unpaired: pairs too)
     out: list[tuple[str, dict]] = []
     first: tuple[str, dict[str, str]] | None = None
     skipped = 0
@@ -794,7 +847,9 @@ def load(
     tokenizer: Any = None,
     max_length: int | None = None,
 ) -> Split:
-    """Validated train and held-out datasets of ``kind`` (sft | preference | prompt | classify).
+    """Validated train and held-out datasets of ``kind`` (sft | preference | prompt | classify |
+    unpaired; an unpaired load splits pairs into rows after the held-out split, and its row caps
+    count those rows).
 
     ``needed_train_rows`` (from train.max_steps) caps how many shuffled rows are kept, so
     a short run does not tokenize a whole corpus it will never see. With ``tokenizer`` and
@@ -836,11 +891,17 @@ def load(
         eval_rows = [r for _, r in eval_rows][: data_cfg.max_eval_rows or None]
     if not train_rows:
         raise AlignError(f"{train_src}: no usable rows ({len(dropped)} dropped; first: {dropped[0]})")
+    split_pairs = kind == "unpaired" and "chosen" in train_rows[0]
+    if kind == "unpaired":  # pairs (after the held-out split, so both halves stay on one side)
+        train_rows = _unpaired(train_rows)[: min(caps) if caps else None]
+        eval_rows = _unpaired(eval_rows)[: data_cfg.max_eval_rows or None]
     info = {"train": train_src, "eval": eval_src or f"{data_cfg.eval_fraction:.0%} of train"}
     info |= {"train_rows": len(train_rows), "eval_rows": len(eval_rows)}
     info |= _format_info(train_report, eval_report)
     if dropped:
         info["dropped_rows"] = len(dropped)
+    if split_pairs:
+        info["pairs_split"] = True
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"align: data: {format_line(info)}", file=sys.stderr, flush=True)
         if dropped:
@@ -852,6 +913,11 @@ def load(
     return Split(
         train=cached_dataset(train_rows), eval=cached_dataset(eval_rows) if eval_rows else None, info=info
     )
+
+
+def _unpaired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` as unpaired rows: pairs are split (:func:`unpair`), unpaired rows kept."""
+    return unpair(rows) if rows and "chosen" in rows[0] else rows
 
 
 def _row_form(row: dict[str, Any]) -> str:
@@ -946,6 +1012,10 @@ def format_line(info: dict[str, Any]) -> str:
     counts = f"{info['rows_read']} rows read, {info['rows_converted']} converted"
     counts += f", {skipped} skipped (data.on_error=skip)" if skipped else ""
     counts += f", {too_long} dropped for a prompt over model.max_length" if too_long > 0 else ""
+    if info.get("pairs_split"):
+        counts += (
+            f"; each pair split into a desirable and an undesirable row ({info['train_rows']} train rows)"
+        )
     return f"{info['train']}: format {fmt}; {counts}"
 
 

@@ -10,7 +10,9 @@ disabled), on the held-out test prompts and pairs (``reward_data/prompts_test.js
   beats the rejected one's; for a DPO run also its implicit reward against its reference;
 * KL to the base on the model's own completions, and completion length (tokens, words);
 * with ``eval.reward=<rm run>``: the mean reward-model score and the win-rate by it
-  (without it the win-rate is judged by the strict judges).
+  (without it the win-rate is judged by the strict judges);
+* the forgetting check on general data unrelated to training (``eval.forgetting``,
+  docs/methods.md): general-text perplexity, KL(base || model) and known short answers kept.
 
 Exact definitions: docs/eval.md. Everything here is plain functions over lists so the
 metric code is testable without a model; :func:`run` wires them to models and files.
@@ -23,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from align import judges
+from align.config import POLICY_STAGES  # stages whose output is a policy (re-exported)
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo")
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
 # the headline rows of report.md and of the printed summary, in order
@@ -435,6 +438,7 @@ def held_out_rows(cfg: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
 FORGET_PPL_RATIO = 1.10
 FORGET_RETAINED = 0.90
 FORGET_MIN_LOST = 2
+FORGETTING_TITLE = "## Forgetting (general data unrelated to training)"
 
 
 def normalize_answer(text: str) -> str:
@@ -515,6 +519,7 @@ def forgetting_metrics(
     max_new_tokens: int,
     batch_size: int = 0,
     device: str = "cpu",
+    cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The three forgetting figures of ``tuned`` against ``base`` on general data:
 
@@ -526,77 +531,99 @@ def forgetting_metrics(
     * ``forgetting/qa_base_correct``, ``forgetting/qa_retained``: of the short-answer questions the
       base answers correctly (:func:`answer_matches`), the share the tuned model still does.
 
+    ``cache``: a dict that keeps the base's side (its text log-probs, greedy answers and QA
+    answers) for the next call on the same base and data (eval.model=[...]: every model of the
+    table against one base, which is then measured once).
+
     Returns (metrics, the QA rows the tuned model lost, for the report)."""
-    out: dict[str, float] = {}
-    if texts:
-        seqs = []
-        for t in texts:
-            ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
-            if len(ids) >= 2:
-                seqs.append((ids[:1], ids[1:]))
+    qa_tokens = 24
+
+    def gen(m, rows, n, desc):
+        return generate(m, tokenizer, rows, max_new_tokens=n, batch_size=batch_size, device=device, desc=desc)
+
+    b = cache if cache is not None else {}
+    if not b:  # the base's side
+        b["text"] = [
+            (ids[:1], ids[1:])
+            for ids in (tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts)
+            if len(ids) >= 2
+        ]
         with base.active() as m:
-            lp_base = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general text base")
-        with tuned.active() as m:
-            lp_tuned = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general text tuned")
-        out["forgetting/ppl_base"] = perplexity(lp_base)
-        out["forgetting/ppl"] = perplexity(lp_tuned)
-        out["forgetting/ppl_ratio"] = out["forgetting/ppl"] / out["forgetting/ppl_base"]
-    if prompts:
-        with base.active() as m:
-            gens = generate(
-                m,
-                tokenizer,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                device=device,
-                desc="general base",
+            b["lp_text"] = token_logps(
+                m, b["text"], batch_size=batch_size, device=device, desc="general text base"
             )
-        seqs = [(g.prompt_ids, g.ids) for g in gens if g.ids]
-        lp_base = [g.logprobs for g in gens if g.ids]
-        with tuned.active() as m:
-            lp_tuned = token_logps(m, seqs, batch_size=batch_size, device=device, desc="general KL tuned")
-        out["forgetting/kl_base_tuned"] = kl_metrics(lp_base, lp_tuned)["kl/token"]
+            answers = [g for g in gen(m, prompts, max_new_tokens, "general base") if g.ids] if prompts else []
+            qa_ans = gen(m, [r["prompt"] for r in qa], qa_tokens, "general QA base") if qa else []
+        b["answers"] = [(g.prompt_ids, g.ids) for g in answers]
+        b["lp_answers"] = [g.logprobs for g in answers]
+        b["known"] = [
+            (r, g.text) for r, g in zip(qa, qa_ans, strict=True) if answer_matches(r["answer"], g.text)
+        ]
+    out: dict[str, float] = {}
+    known = b["known"]
+    with tuned.active() as m:
+        if texts:
+            lp = token_logps(m, b["text"], batch_size=batch_size, device=device, desc="general text tuned")
+            out["forgetting/ppl_base"] = perplexity(b["lp_text"])
+            out["forgetting/ppl"] = perplexity(lp)
+            out["forgetting/ppl_ratio"] = out["forgetting/ppl"] / out["forgetting/ppl_base"]
+        if prompts:
+            lp = token_logps(m, b["answers"], batch_size=batch_size, device=device, desc="general KL tuned")
+            out["forgetting/kl_base_tuned"] = kl_metrics(b["lp_answers"], lp)["kl/token"]
+        tuned_ans = gen(m, [r["prompt"] for r, _ in known], qa_tokens, "general QA tuned") if known else []
     lost: list[dict[str, Any]] = []
     if qa:
-        qa_tokens = 24
-        with base.active() as m:
-            base_ans = generate(
-                m,
-                tokenizer,
-                [r["prompt"] for r in qa],
-                max_new_tokens=qa_tokens,
-                batch_size=batch_size,
-                device=device,
-                desc="general QA base",
-            )
-        known = [
-            (r, g.text) for r, g in zip(qa, base_ans, strict=True) if answer_matches(r["answer"], g.text)
-        ]
         out["forgetting/qa_base_accuracy"] = len(known) / len(qa)
         out["forgetting/qa_base_correct"] = float(len(known))
-        if known:
-            with tuned.active() as m:
-                tuned_ans = generate(
-                    m,
-                    tokenizer,
-                    [r["prompt"] for r, _ in known],
-                    max_new_tokens=qa_tokens,
-                    batch_size=batch_size,
-                    device=device,
-                    desc="general QA tuned",
-                )
-            kept = [answer_matches(r["answer"], g.text) for (r, _), g in zip(known, tuned_ans, strict=True)]
-            out["forgetting/qa_retained"] = sum(kept) / len(kept)
-            lost = [
-                {"prompt": _show(r["prompt"]), "answer": r["answer"], "base": b, "tuned": g.text}
-                for (r, b), g, k in zip(known, tuned_ans, kept, strict=True)
-                if not k
-            ]
-        else:
-            out["forgetting/qa_retained"] = math.nan
+        kept = [answer_matches(r["answer"], g.text) for (r, _), g in zip(known, tuned_ans, strict=True)]
+        out["forgetting/qa_retained"] = sum(kept) / len(kept) if kept else math.nan
+        lost = [
+            {"prompt": _show(r["prompt"]), "answer": r["answer"], "base": a, "tuned": g.text}
+            for (r, a), g, k in zip(known, tuned_ans, kept, strict=True)
+            if not k
+        ]
     out["forgetting/flag"] = 1.0 if forgetting_verdict(out).startswith("FORGETTING") else 0.0
     return out, lost
+
+
+def check_forgetting(
+    cfg: Any, L: Loaded, cache: dict[str, Any] | None = None
+) -> tuple[dict[str, float], dict | None]:
+    """eval.forgetting on ``L.model`` against its base (:func:`forgetting_metrics`): (metrics, the
+    report's section with the verdict); nothing where the check is off, the model is the base
+    itself (eval.model=base: ratio 1, KL 0, every answer kept by definition) or no base is in
+    memory. The verdict also goes to stderr."""
+    e = cfg.eval
+    if not e.get("forgetting", True) or int(e.get("max_general", 0)) <= 0:
+        return {}, None
+    if L.kl_ref is None:
+        why = "it is the base itself" if L.info.get("kind") == "base" else "no base model in memory"
+        log.info("forgetting check skipped for %s: %s", L.info.get("spec"), why)
+        return {}, None
+    base = L.kl_ref
+    t0 = time.time()
+    texts, prompts, qa, info = general_rows(cfg)
+    m, lost = forgetting_metrics(
+        base,
+        L.model,
+        L.tokenizer,
+        texts,
+        prompts,
+        qa,
+        max_length=int(L.cfg.model.max_length),
+        max_new_tokens=int(e.general_new_tokens),
+        batch_size=int(e.batch_size),
+        device=L.device,
+        cache=cache,
+    )
+    section = {
+        "verdict": forgetting_verdict(m),
+        "data": info,
+        "lost": lost[: int(e.samples_to_log)],
+        "time_s": round(time.time() - t0, 1),
+    }
+    print(f"align: forgetting ({L.info.get('spec')}): {section['verdict']}", file=sys.stderr, flush=True)
+    return m, section
 
 
 # --------------------------------------------------------------------------- the report
@@ -612,15 +639,81 @@ def _pair_logps(
         ]
 
 
+def model_specs(value: Any) -> list[str]:
+    """``eval.model`` as a list of specs: one string, or a list (``eval.model=[base,<a>,<b>]``)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def _generate_for(s: Subject, L: Loaded, prompts: list[dict], cfg: Any, desc: str) -> list[Generation]:
+    """``s``'s completions of ``prompts`` with the eval.* sampling settings (seeded)."""
+    import torch
+
+    e = cfg.eval
+    torch.manual_seed(cfg.seed)
+    with s.active() as m:
+        return generate(
+            m,
+            L.tokenizer,
+            [r["prompt"] for r in prompts],
+            max_new_tokens=e.max_new_tokens,
+            batch_size=int(e.batch_size),
+            temperature=e.temperature,
+            top_p=e.top_p,
+            device=L.device,
+            desc=desc,
+        )
+
+
+def _kl_to_base(L: Loaded, gens: list[Generation], bs: int) -> dict[str, float]:
+    """KL of ``L.model`` to its base on the model's own completions (0 for the base itself)."""
+    if L.kl_ref is None:
+        return {"kl/token": 0.0, "kl/sequence": 0.0}
+    seqs = [(g.prompt_ids, g.ids) for g in gens if g.ids]
+    lp_model = [g.logprobs for g in gens if g.ids]
+    if any(lp is None for lp in lp_model):  # sampled, not greedy: no log-probs from decoding
+        with L.model.active() as m:
+            lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
+    with L.kl_ref.active() as m:
+        lp_ref = token_logps(m, seqs, batch_size=bs, device=L.device)
+    return kl_metrics(lp_model, lp_ref)
+
+
+def _pair_ids(L: Loaded, pairs: list[dict]) -> tuple[list, list]:
+    max_len = int(L.cfg.model.max_length)
+    chosen = [pair_token_ids(L.tokenizer, p["prompt"], p["chosen"], max_len) for p in pairs]
+    rejected = [pair_token_ids(L.tokenizer, p["prompt"], p["rejected"], max_len) for p in pairs]
+    return chosen, rejected
+
+
+def _dpo_reward(
+    L: Loaded, model_logps: tuple[list[float], list[float]], ref_logps: tuple[list[float], list[float]]
+) -> dict[str, float]:
+    """A DPO run's implicit-reward accuracy and margin against its reference."""
+    pc, pr = model_logps
+    rc = [L.dpo_beta * (a - b) for a, b in zip(pc, ref_logps[0], strict=True)]
+    rr = [L.dpo_beta * (a - b) for a, b in zip(pr, ref_logps[1], strict=True)]
+    m = preference_metrics(rc, rr, prefix="dpo/reward")
+    return {
+        "dpo/reward_accuracy": m["dpo/reward/accuracy"],
+        "dpo/reward_margin": m["dpo/reward/margin"],
+        "dpo/beta": L.dpo_beta,
+    }
+
+
 def run(
     cfg: Any, out_dir: str | Path, tracker: Any = None, *, model_spec: str | None = None
 ) -> dict[str, Any]:
     """Evaluate ``model_spec`` (default ``eval.model``); write eval.json and report.md into
-    ``out_dir``; log to ``tracker``. Returns the eval.json content (``metrics`` flat)."""
-    import torch
+    ``out_dir``; log to ``tracker``. Returns the eval.json content (``metrics`` flat).
 
+    ``eval.model`` naming several models is :func:`run_many`'s side-by-side table."""
     e = cfg.eval
-    spec = model_spec or e.model
+    specs = [model_spec] if model_spec else model_specs(e.model)
+    if len(specs) > 1:
+        return run_many(cfg, out_dir, tracker, specs)
+    spec = specs[0]
     out_dir = Path(out_dir)
     started = time.time()
     prompts, pairs, data_info = held_out_rows(cfg)
@@ -637,36 +730,14 @@ def run(
         constraints = [r.get("constraints", "[]") for r in prompts]
         for s in subjects:
             t0 = time.time()
-            torch.manual_seed(cfg.seed)
-            with s.active() as m:
-                gens[s.label] = generate(
-                    m,
-                    L.tokenizer,
-                    [r["prompt"] for r in prompts],
-                    max_new_tokens=e.max_new_tokens,
-                    batch_size=bs,
-                    temperature=e.temperature,
-                    top_p=e.top_p,
-                    device=L.device,
-                    desc=f"eval {s.label}",
-                )
+            gens[s.label] = _generate_for(s, L, prompts, cfg, desc=f"eval {s.label}")
             timing[f"time/generate_{s.label}_s"] = round(time.time() - t0, 1)
             texts = [g.text for g in gens[s.label]]
             m_if, per_type[s.label] = ifeval_metrics(constraints, texts)
             results[s.label] |= m_if | length_metrics(gens[s.label])
         # KL to the base on the model's own completions
         t0 = time.time()
-        if L.kl_ref is None:
-            results["model"] |= {"kl/token": 0.0, "kl/sequence": 0.0}
-        else:
-            seqs = [(g.prompt_ids, g.ids) for g in gens["model"] if g.ids]
-            lp_model = [g.logprobs for g in gens["model"] if g.ids]
-            if any(lp is None for lp in lp_model):  # sampled, not greedy: no log-probs from decoding
-                with L.model.active() as m:
-                    lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
-            with L.kl_ref.active() as m:
-                lp_ref = token_logps(m, seqs, batch_size=bs, device=L.device)
-            results["model"] |= kl_metrics(lp_model, lp_ref)
+        results["model"] |= _kl_to_base(L, gens["model"], bs)
         if L.baseline is not None:
             results["baseline"] |= {"kl/token": 0.0, "kl/sequence": 0.0}
         timing["time/kl_s"] = round(time.time() - t0, 1)
@@ -693,8 +764,7 @@ def run(
 
     if pairs:
         t0 = time.time()
-        chosen = [pair_token_ids(L.tokenizer, p["prompt"], p["chosen"], max_len) for p in pairs]
-        rejected = [pair_token_ids(L.tokenizer, p["prompt"], p["rejected"], max_len) for p in pairs]
+        chosen, rejected = _pair_ids(L, pairs)
         logps: dict[str, tuple[list[float], list[float]]] = {}
         for s in subjects:
             logps[s.label] = (_pair_logps(s, chosen, bs, L.device), _pair_logps(s, rejected, bs, L.device))
@@ -706,45 +776,13 @@ def run(
                     _pair_logps(L.dpo_ref, chosen, bs, L.device),
                     _pair_logps(L.dpo_ref, rejected, bs, L.device),
                 )
-            pc, pr = logps["model"]
-            rc = [L.dpo_beta * (a - b) for a, b in zip(pc, ref[0], strict=True)]
-            rr = [L.dpo_beta * (a - b) for a, b in zip(pr, ref[1], strict=True)]
-            results["model"] |= preference_metrics(rc, rr, prefix="dpo/reward")
-            results["model"]["dpo/reward_accuracy"] = results["model"].pop("dpo/reward/accuracy")
-            results["model"]["dpo/reward_margin"] = results["model"].pop("dpo/reward/margin")
-            results["model"].pop("dpo/reward/pairs")
-            results["model"]["dpo/beta"] = L.dpo_beta
+            results["model"] |= _dpo_reward(L, logps["model"], ref)
         timing["time/pairs_s"] = round(time.time() - t0, 1)
 
-    forgetting: dict[str, Any] | None = None
-    if e.get("forgetting", True) and int(e.get("max_general", 0)) > 0:
-        base_subject = (
-            L.kl_ref if L.kl_ref is not None else (L.model if L.info.get("kind") == "base" else None)
-        )
-        if base_subject is None:
-            log.info("forgetting check skipped: no base model to compare with (eval.baseline=none)")
-        else:
-            t0 = time.time()
-            texts, g_prompts, qa, g_info = general_rows(cfg)
-            fm, lost = forgetting_metrics(
-                base_subject,
-                L.model,
-                L.tokenizer,
-                texts,
-                g_prompts,
-                qa,
-                max_length=max_len,
-                max_new_tokens=int(e.general_new_tokens),
-                batch_size=bs,
-                device=L.device,
-            )
-            results["model"] |= fm
-            forgetting = {
-                "verdict": forgetting_verdict(fm),
-                "data": g_info,
-                "lost": lost[: int(e.samples_to_log)],
-            }
-            timing["time/forgetting_s"] = round(time.time() - t0, 1)
+    fm, forgetting = check_forgetting(cfg, L)
+    results["model"] |= fm
+    if forgetting:
+        timing["time/forgetting_s"] = forgetting["time_s"]
 
     delta = {}
     if L.baseline is not None:
@@ -761,20 +799,7 @@ def run(
         "format": "align-eval/1",
         "model": L.info,
         "baseline": "base" if L.baseline is not None else None,
-        "settings": {
-            k: (v if not hasattr(v, "value") else v.value)
-            for k, v in {
-                "max_prompts": e.max_prompts,
-                "max_pairs": e.max_pairs,
-                "max_new_tokens": e.max_new_tokens,
-                "batch_size": e.batch_size,
-                "temperature": e.temperature,
-                "top_p": e.top_p,
-                "reward": e.reward,
-                "seed": cfg.seed,
-                "max_length": max_len,
-            }.items()
-        },
+        "settings": _settings(cfg, max_len),
         "data": data_info,
         "metrics": {"model": results["model"], "baseline": results.get("baseline"), "delta": delta or None},
         "per_type": {"model": per_type.get("model", {}), "baseline": per_type.get("baseline")},
@@ -786,11 +811,14 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     from align.artifacts import write_json_atomic, write_text_atomic
 
+    chart = _chart(
+        out_dir,
+        {"base": per_type.get("baseline") or {}, "model": per_type.get("model") or {}},
+        f"eval.model={spec}",
+        len(prompts),
+    )
+    report["chart"] = chart.name if chart else None
     write_json_atomic(out_dir / EVAL_JSON, report)
-    if forgetting:
-        import sys
-
-        print(f"align: forgetting: {forgetting['verdict']}", file=sys.stderr, flush=True)
     write_text_atomic(out_dir / REPORT_MD, report_markdown(report))
     if tracker is not None:
         tracker.log(report["flat"])
@@ -798,7 +826,377 @@ def run(
         if samples:
             cols = ["id", "prompt", "constraints", "baseline", "baseline_pass", "model", "model_pass"]
             tracker.table("eval/samples", cols, [[s.get(c) for c in cols] for s in samples])
+        if chart:
+            tracker.image("eval/per_type_chart", chart)
     return report
+
+
+def _settings(cfg: Any, max_len: int) -> dict[str, Any]:
+    e = cfg.eval
+    return {
+        k: (v if not hasattr(v, "value") else v.value)
+        for k, v in {
+            "max_prompts": e.max_prompts,
+            "max_pairs": e.max_pairs,
+            "max_new_tokens": e.max_new_tokens,
+            "batch_size": e.batch_size,
+            "temperature": e.temperature,
+            "top_p": e.top_p,
+            "reward": e.reward,
+            "seed": cfg.seed,
+            "max_length": max_len,
+        }.items()
+    }
+
+
+def _chart(out_dir: Path, per_type: dict[str, dict], title: str, n_prompts: int) -> Path | None:
+    """eval.png: per-instruction-type accuracy of each model next to the base (None: no
+    prompts were judged, or drawing failed, which is one warning line)."""
+    from align import plots
+
+    shown = {k: v for k, v in per_type.items() if v}
+    if not shown:
+        return None
+    return plots.safely(
+        plots.EVAL_PNG, lambda: plots.per_type_chart(shown, out_dir / plots.EVAL_PNG, title, n_prompts)
+    )
+
+
+# --------------------------------------------------------------------------- several models, one table
+
+Z95 = 1.96  # two-sided 95% normal quantile
+
+
+def noise_band(p_a: float, p_b: float, n: int) -> float:
+    """Half-width of the 95% band of a difference of two accuracies measured on ``n`` items
+    each: ``1.96 * sqrt(p_a (1 - p_a) / n + p_b (1 - p_b) / n)``, the standard error of a
+    difference of two independent proportions. The models answer the same prompts, so the
+    paired error (:func:`paired_band`) is usually smaller: this is the conservative band."""
+    if not n or any(math.isnan(x) for x in (p_a, p_b)):
+        return math.nan
+    return Z95 * math.sqrt((p_a * (1 - p_a) + p_b * (1 - p_b)) / n)
+
+
+def paired_band(a: list[float], b: list[float]) -> float:
+    """Half-width of the 95% band of ``mean(a) - mean(b)`` from per-item outcomes of two models
+    on the same items: ``1.96 * sd(a_i - b_i) / sqrt(n)`` (sample sd, n - 1)."""
+    n = len(a)
+    if n < 2:
+        return math.nan
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return Z95 * math.sqrt(var / n)
+
+
+def worst_case_band(n: int) -> float:
+    """:func:`noise_band` at its largest (both accuracies 50%): ``1.96 * sqrt(0.5 / n)``."""
+    return Z95 * math.sqrt(0.5 / n) if n else math.nan
+
+
+def _unique_label(spec: str, info: dict[str, Any], taken: set[str]) -> str:
+    if spec == "base":
+        label = "base"
+    elif info.get("kind") == "run":
+        label = f"{info.get('stage')}:{Path(spec).name}"
+    else:
+        label = Path(spec).name or spec
+    out, i = label, 2
+    while out in taken:
+        out, i = f"{label}#{i}", i + 1
+    taken.add(out)
+    return out
+
+
+def run_many(cfg: Any, out_dir: str | Path, tracker: Any, specs: list[str]) -> dict[str, Any]:
+    """``eval.model=[base,<run a>,<run b>,...]``: every model on the same held-out prompts and
+    pairs, one at a time (each loaded once, then freed), into one side-by-side table: one row
+    per model, its difference to the base row with the 95% noise band for that many prompts.
+    With ``eval.baseline=base`` the base gets a row even when the list does not name it.
+    Writes eval.json (``format: align-eval-models/1``), report.md and eval.png."""
+    import gc
+
+    from omegaconf import open_dict
+
+    from align import backbone
+
+    e = cfg.eval
+    out_dir = Path(out_dir)
+    started = time.time()
+    if e.baseline == "base" and "base" not in specs:
+        specs = ["base", *specs]
+    one = copy.deepcopy(cfg)  # each model alone: the base is a row of its own, not a second copy
+    with open_dict(one):
+        one.eval.baseline = "none"
+    prompts, pairs, data_info = held_out_rows(cfg)
+    constraints = [r.get("constraints", "[]") for r in prompts]
+    bs = int(e.batch_size)
+    rows: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    base_sides: dict[str, dict] = {}  # the forgetting check's base side, per base model: measured once
+    max_len = int(cfg.model.max_length)
+    for spec in specs:
+        t0 = time.time()
+        L = load(one, spec)
+        label = _unique_label(spec, L.info, taken)
+        row: dict[str, Any] = {"label": label, "spec": spec, "model": L.info, "metrics": {}, "per_type": {}}
+        m = row["metrics"]
+        if prompts:
+            gens = _generate_for(L.model, L, prompts, cfg, desc=f"eval {label}")
+            row["texts"] = [g.text for g in gens]
+            m_if, row["per_type"] = ifeval_metrics(constraints, row["texts"])
+            m |= m_if | length_metrics(gens)
+            row["passed"] = [
+                float(judges.judge(c, t)) for c, t in zip(constraints, row["texts"], strict=True)
+            ]
+            row["judged"] = [judges.score(c, t) for c, t in zip(constraints, row["texts"], strict=True)]
+            if L.info.get("kind") == "model":  # a full model: no base in memory to measure KL against
+                m |= {"kl/token": math.nan, "kl/sequence": math.nan}
+            else:
+                m |= _kl_to_base(L, gens, bs)
+            row["prompts_for_rm"] = [r["prompt"] for r in prompts]
+            del gens
+        if pairs:
+            chosen, rejected = _pair_ids(L, pairs)
+            lp = (_pair_logps(L.model, chosen, bs, L.device), _pair_logps(L.model, rejected, bs, L.device))
+            m |= preference_metrics(*lp)
+            row["pair_wins"] = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(*lp, strict=True)]
+            if L.dpo_ref is not None and L.dpo_beta is not None:
+                ref = (
+                    _pair_logps(L.dpo_ref, chosen, bs, L.device),
+                    _pair_logps(L.dpo_ref, rejected, bs, L.device),
+                )
+                m |= _dpo_reward(L, lp, ref)
+        fm, row["forgetting"] = check_forgetting(
+            cfg, L, cache=base_sides.setdefault(L.info["base_model"], {})
+        )
+        m |= fm
+        max_len = int(L.cfg.model.max_length)
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        del L
+        gc.collect()
+        backbone.release_host_memory()
+    if prompts and e.reward:  # one reward model scores every row's completions
+        from align.rewards import RewardModel
+
+        rm = RewardModel(e.reward, cfg, key="eval.reward", batch_size=bs or 8)
+        for row in rows:
+            row["rm_scores"] = rm(row["prompts_for_rm"], row["texts"])
+            row["metrics"]["rm/score"] = sum(row["rm_scores"]) / len(row["rm_scores"])
+        del rm
+    base = next((r for r in rows if r["spec"] == "base"), None)
+    for row in rows:
+        row["vs_base"] = _versus(row, base, len(prompts), len(pairs)) if base and row is not base else None
+    report = _many_report(cfg, rows, base, prompts, pairs, data_info, max_len, started)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from align.artifacts import write_json_atomic, write_text_atomic
+
+    chart = _chart(out_dir, {r["label"]: r["per_type"] for r in rows}, f"{len(rows)} models", len(prompts))
+    report["chart"] = chart.name if chart else None
+    write_json_atomic(out_dir / EVAL_JSON, report)
+    write_text_atomic(out_dir / REPORT_MD, many_markdown(report))
+    if tracker is not None:
+        tracker.log(report["flat"])
+        tracker.summary(report["flat"])
+        cols, table = models_table(report)
+        tracker.table("eval/models", cols, table)
+        if chart:
+            tracker.image("eval/per_type_chart", chart)
+    return report
+
+
+def _versus(row: dict, base: dict, n_prompts: int, n_pairs: int) -> dict[str, float]:
+    """The row's differences to the base row, with their 95% bands (unpaired and paired)."""
+    m, b = row["metrics"], base["metrics"]
+    out: dict[str, float] = {}
+    for key, n, a_items, b_items in (
+        ("ifeval/prompt_accuracy", n_prompts, row.get("passed"), base.get("passed")),
+        ("pref/accuracy", n_pairs, row.get("pair_wins"), base.get("pair_wins")),
+    ):
+        if key in m and key in b:
+            out[f"delta/{key}"] = m[key] - b[key]
+            out[f"band/{key}"] = noise_band(m[key], b[key], n)
+            out[f"paired_band/{key}"] = paired_band(a_items, b_items) if a_items else math.nan
+    if "ifeval/instruction_accuracy" in m and "ifeval/instruction_accuracy" in b:
+        out["delta/ifeval/instruction_accuracy"] = (
+            m["ifeval/instruction_accuracy"] - b["ifeval/instruction_accuracy"]
+        )
+    if row.get("judged") and base.get("judged"):
+        out["win_rate/judge"] = win_rate(row["judged"], base["judged"])
+    if row.get("rm_scores") and base.get("rm_scores"):
+        out["win_rate/rm"] = win_rate(row["rm_scores"], base["rm_scores"])
+    return out
+
+
+def _many_report(cfg, rows, base, prompts, pairs, data_info, max_len, started) -> dict[str, Any]:
+    n_samples = min(int(cfg.eval.samples_to_log), len(prompts))
+    samples = []
+    for i, row in enumerate(prompts[:n_samples]):
+        s: dict[str, Any] = {
+            "id": row.get("id", str(i)),
+            "prompt": _show(row["prompt"]),
+            "constraints": json.dumps(judges.parse_constraints(row.get("constraints", "[]"))),
+            "outputs": {r["label"]: {"text": r["texts"][i], "pass": bool(r["passed"][i])} for r in rows},
+        }
+        samples.append(s)
+    report: dict[str, Any] = {
+        "format": "align-eval-models/1",
+        "models": [
+            {
+                "label": r["label"],
+                "spec": r["spec"],
+                "model": r["model"],
+                "metrics": r["metrics"],
+                "vs_base": r["vs_base"],
+                "per_type": r["per_type"],
+                "forgetting": r["forgetting"],
+                "time_s": r["seconds"],
+            }
+            for r in rows
+        ],
+        "baseline": base["label"] if base else None,
+        "noise": {
+            "prompts": len(prompts),
+            "pairs": len(pairs),
+            "band_formula": "1.96 * sqrt(p_a (1 - p_a) / n + p_b (1 - p_b) / n): 95% band of a difference "
+            "of two independent proportions on n items (conservative for the same prompts)",
+            "paired_band_formula": "1.96 * sd(a_i - b_i) / sqrt(n): the same prompts, outcome by outcome",
+            "worst_case_prompts": worst_case_band(len(prompts)) if prompts else None,
+            "worst_case_pairs": worst_case_band(len(pairs)) if pairs else None,
+        },
+        "settings": _settings(cfg, max_len) | {"baseline": cfg.eval.baseline},
+        "data": data_info,
+        "samples": samples,
+        "time": {"time/eval_s": round(time.time() - started, 1)},
+    }
+    flat: dict[str, float] = {}
+    for r in report["models"]:
+        for k, v in r["metrics"].items():
+            flat[f"eval/{r['label']}/{k}"] = float(v)
+        for k, v in (r["vs_base"] or {}).items():
+            flat[f"eval/{r['label']}/{k}"] = float(v)
+        for kind, d in r["per_type"].items():
+            flat[f"eval/{r['label']}/ifeval/type/{kind}"] = float(d["instruction_accuracy"])
+    report["flat"] = flat | report["time"]
+    return report
+
+
+MODEL_COLUMNS = [
+    ("ifeval/prompt_accuracy", "instr. acc. (prompt)"),
+    ("ifeval/instruction_accuracy", "instr. acc. (instr.)"),
+    ("pref/accuracy", "pref. acc."),
+    ("dpo/reward_accuracy", "DPO reward acc."),
+    ("rm/score", "RM score"),
+    ("kl/token", "KL/token"),
+    ("length/tokens", "length (tokens)"),
+]
+
+
+def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The side-by-side table as columns and rows (one row per model), for W&B and report.md."""
+    models = report["models"]
+    keys = [(k, name) for k, name in MODEL_COLUMNS if any(k in r["metrics"] for r in models)]
+    cols = ["model", "spec"] + [name for _, name in keys]
+    has_base = report["baseline"] is not None
+    if has_base:
+        cols += ["prompt acc. vs base (pts)", "±95% (pts)", "win-rate vs base (judge)"]
+    rows = []
+    for r in models:
+        row: list[Any] = [r["label"], r["spec"]] + [r["metrics"].get(k) for k, _ in keys]
+        if has_base:
+            v = r["vs_base"] or {}
+            d, band = v.get("delta/ifeval/prompt_accuracy"), v.get("band/ifeval/prompt_accuracy")
+            row += [
+                None if d is None else round(100 * d, 1),
+                None if band is None else round(100 * band, 1),
+                v.get("win_rate/judge"),
+            ]
+        rows.append(row)
+    return cols, rows
+
+
+def many_markdown(report: dict[str, Any]) -> str:
+    noise = report["noise"]
+    models = report["models"]
+    lines = [
+        f"# Alignment report: {len(models)} models side by side",
+        "",
+        f"- held-out data: {report['data'].get('prompt_rows')} prompts ({report['data'].get('prompts')}), "
+        f"{report['data'].get('pair_rows')} pairs ({report['data'].get('pairs')}), the same for every model",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
+        f"- time: {report['time'].get('time/eval_s')} s",
+        "",
+        "## Models",
+        "",
+    ]
+    cols, _ = models_table(report)
+    keys = [k for k, name in MODEL_COLUMNS if name in cols]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
+    for r in models:
+        cells = [r["label"], f"`{r['spec']}`"]
+        cells += [_fmt(r["metrics"].get(k), any(p in k for p in PCT)) for k in keys]
+        if report["baseline"] is not None:
+            v = r["vs_base"]
+            if v is None:
+                cells += ["(base)", "", ""]
+            else:
+                d = v.get("delta/ifeval/prompt_accuracy")
+                band = v.get("band/ifeval/prompt_accuracy")
+                cells += [
+                    "-" if d is None else f"{100 * d:+.1f}",
+                    "-" if band is None or math.isnan(band) else f"±{100 * band:.1f}",
+                    _fmt(v.get("win_rate/judge"), True),
+                ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if noise["prompts"]:
+        lines += [
+            "",
+            f"Noise: with {noise['prompts']} prompts one prompt is {100 / noise['prompts']:.1f} points. "
+            "The ±95% column is 1.96 × sqrt(p_a(1−p_a)/n + p_b(1−p_b)/n), the standard error of a "
+            "difference of two independent proportions on n prompts (p_a, p_b: the two prompt-level "
+            "accuracies); a difference inside it is noise. It is conservative for models answering the "
+            "same prompts: eval.json also gives the paired band, 1.96 × sd(a_i − b_i)/sqrt(n). At worst "
+            f"(both at 50%) the band is ±{100 * noise['worst_case_prompts']:.1f} points.",
+        ]
+    if report.get("chart"):
+        lines += ["", "## Per instruction type", "", f"![per-instruction-type accuracy]({report['chart']})"]
+    types = sorted({k for r in models for k in r["per_type"]})
+    if types:
+        if not report.get("chart"):
+            lines += ["", "## Per instruction type"]
+        lines += [
+            "",
+            "Strict instruction-level accuracy; n = instructions of that type.",
+            "",
+            "| type | n | " + " | ".join(r["label"] for r in models) + " |",
+            "|---|---:|" + "---:|" * len(models),
+        ]
+        for kind in types:
+            n = max(r["per_type"].get(kind, {}).get("instructions", 0) for r in models)
+            accs = [_fmt(r["per_type"].get(kind, {}).get("instruction_accuracy"), True) for r in models]
+            lines.append(f"| {kind} | {n} | " + " | ".join(accs) + " |")
+    checked = [r for r in models if r.get("forgetting")]
+    if checked:
+        lines += ["", FORGETTING_TITLE, "", "| model | general-text perplexity (base -> model) | "]
+        lines[-1] += "KL(base \\|\\| model) per token | known short answers kept | verdict |"
+        lines.append("|---|---:|---:|---:|---|")
+        for r in checked:
+            m = r["metrics"]
+            lines.append(
+                f"| {r['label']} | {_fmt(m.get('forgetting/ppl_base'))} -> {_fmt(m.get('forgetting/ppl'))} | "
+                f"{_fmt(m.get('forgetting/kl_base_tuned'))} | {_fmt(m.get('forgetting/qa_retained'), True)} of "
+                f"{_fmt(m.get('forgetting/qa_base_correct'))} | {r['forgetting']['verdict']} |"
+            )
+    if report["samples"]:
+        lines += ["", "## Samples", ""]
+        for s in report["samples"]:
+            lines += [f"### {s['id']}", "", "**Prompt:** " + s["prompt"].replace("\n", " "), ""]
+            lines += [f"**Constraints:** `{s['constraints']}`", ""]
+            for label, o in s["outputs"].items():
+                body = "\n".join("> " + x for x in (o["text"] or "(empty)").splitlines())
+                lines += [f"**{label}** ({'PASS' if o['pass'] else 'FAIL'}):", "", body, ""]
+    return "\n".join(lines) + "\n"
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -891,7 +1289,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {k} | {_fmt(model[k], any(p in k for p in PCT))} |")
     fg = report.get("forgetting")
     if fg:
-        lines += ["", "## Forgetting (general data unrelated to training)", "", f"**{fg['verdict']}**", ""]
+        lines += ["", FORGETTING_TITLE, "", f"**{fg['verdict']}**", ""]
         lines += ["| figure | base | model |", "|---|---:|---:|"]
         lines.append(
             f"| perplexity, held-out general text ({fg['data']['texts']} texts) | "
@@ -911,6 +1309,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     pt_base = report["per_type"]["baseline"] or {}
     if pt_model:
         lines += ["", "## Per instruction type (strict, instruction-level)", ""]
+        if report.get("chart"):
+            lines += [f"![per-instruction-type accuracy]({report['chart']})", ""]
         if pt_base:
             lines += ["| type | instructions | baseline | model |", "|---|---:|---:|---:|"]
         else:

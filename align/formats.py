@@ -7,6 +7,8 @@
 * preference: ``prompt`` + ``chosen`` + ``rejected`` (+ optional ``margin``)
 * sft: ``messages``, ``prompt`` + ``completion``, or ``text``
 * prompt: ``prompt`` (+ ``constraints``, ``id``)
+* unpaired (kto): ``prompt`` + ``completion`` + ``label`` (desirable or not); a file of pairs
+  (any preference layout) is accepted too, and data.py splits each pair into two such rows
 
 A file is detected from the columns its rows have (a null counts as absent): each row
 matches the formats whose required columns it has; a format whose columns include
@@ -33,14 +35,23 @@ from typing import Any
 from align.errors import AlignError
 
 # Which stages read each row kind (for messages).
-STAGES = {"preference": "dpo, rm", "sft": "sft", "prompt": "grpo, rloo, ppo, eval", "classify": "classify"}
+STAGES = {
+    "preference": "dpo, rm, orpo, simpo",
+    "sft": "sft",
+    "prompt": "grpo, rloo, ppo, eval",
+    "classify": "classify",
+    "unpaired": "kto",
+}
 # The canonical columns of each row kind: what data.columns.<canonical>=<file column> can name.
 CANONICAL = {
     "preference": ("prompt", "chosen", "rejected", "margin"),
     "sft": ("prompt", "completion", "messages", "text"),
     "prompt": ("prompt", "constraints", "id"),
     "classify": ("text", "label", "weight", "id"),
+    "unpaired": ("prompt", "completion", "label", "chosen", "rejected"),
 }
+# A row kind that also reads the layouts of other kinds (converted to its own rows by data.py).
+ALSO_ACCEPTS = {"unpaired": ("preference",)}
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,13 @@ FORMATS: tuple[Format, ...] = (
         lambda row: row.data,
         canonical=True,
     ),
+    Format(
+        "prompt-completion-label",
+        "unpaired",
+        ("prompt", "completion", "label"),
+        lambda row: _pick(row, ("prompt", "completion", "label")),
+        canonical=True,
+    ),
     Format(  # one layout (after data.columns); data.classify_row names what a row lacks
         "classify",
         "classify",
@@ -408,7 +426,8 @@ BY_NAME = {f.name: f for f in FORMATS}
 
 
 def formats_for(kind: str) -> list[Format]:
-    return [f for f in FORMATS if f.kind == kind]
+    kinds = (kind, *ALSO_ACCEPTS.get(kind, ()))
+    return [f for f in FORMATS if f.kind in kinds]
 
 
 def matching(data: dict[str, Any], kind: str) -> tuple[str, ...]:

@@ -12,7 +12,7 @@
 * resuming from ``ctx.resume_from`` (optimizer, scheduler, RNG and data order restored).
 * a collapse check for preference optimisation (:class:`CollapseGuard`): when the policy's
   log-prob of the chosen responses falls more than ``train.max_logp_drop`` nats below where
-  it started, warn once (``train.on_collapse=warn``) or stop keeping the last good
+  it started (orpo, simpo: ``train.max_token_logp_drop`` nats per token), warn once (``train.on_collapse=warn``) or stop keeping the last good
   checkpoint (``stop``).
 
 All ranks agree on a stop (the flag is all-reduced), so a multi-process run never hangs.
@@ -139,29 +139,49 @@ class CollapseGuard(TrainerCallback):
     """Preference optimisation can lower the likelihood of the chosen *and* the rejected
     responses together while their margin grows: the policy drifts to degenerate text (the
     results table saw DPO from an SFT start lose ~27 nats on both in 40 steps and answer
-    ``<<<<<<``). DPO logs ``rewards/chosen = beta * (log p(chosen) - log p_ref(chosen))`` on the
-    same rows for both models, and the reference is where the policy started, so
-    ``-rewards/chosen / beta`` is the drop since step 0 without the noise of comparing
-    different batches."""
+    ``<<<<<<``).
 
-    def __init__(self, max_drop: float, on_collapse: str, beta: float):
-        self.max_drop, self.on_collapse, self.beta = max_drop, on_collapse, beta
+    With ``beta`` (DPO, KTO): those trainers log ``rewards/chosen = beta * (log p(chosen) -
+    log p_ref(chosen))`` on the same rows for both models, and the reference is where the policy
+    started, so ``-rewards/chosen / beta`` is the drop since step 0 (nats per response) without
+    the noise of comparing different batches.
+
+    Without (ORPO, SimPO: no reference model): their trainers log ``logps/chosen``, the mean
+    per-token log-prob of the chosen responses; the drop is the first logged value (kept in the
+    trainer state's log history, so it survives a resume) minus the current one, in nats per
+    token. Per-token values vary far less between batches than per-response sums do.
+    """
+
+    def __init__(
+        self, max_drop: float, on_collapse: str, beta: float | None, key: str = "train.max_logp_drop"
+    ):
+        self.max_drop, self.on_collapse, self.beta, self.key = max_drop, on_collapse, beta, key
+        self.unit = "nats" if beta else "nats per token"
         self.collapsed_step: int | None = None
         self.drop: float | None = None
 
+    def _drop(self, logs: dict[str, Any], state: Any) -> float | None:
+        if self.beta:
+            r = logs.get("rewards/chosen")
+            return None if r is None else -float(r) / self.beta
+        now = logs.get("logps/chosen")
+        if now is None:
+            return None
+        start = next(h["logps/chosen"] for h in state.log_history if "logps/chosen" in h)
+        return float(start) - float(now)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        r = (logs or {}).get("rewards/chosen")
-        if r is None or self.collapsed_step is not None or not self.beta:
+        if self.collapsed_step is not None:
             return
-        drop = -float(r) / self.beta
-        if drop <= self.max_drop:
+        drop = self._drop(logs or {}, state)
+        if drop is None or drop <= self.max_drop:
             return
         self.collapsed_step, self.drop = state.global_step, drop
         state.log_history.append({"collapse/logp_drop": drop, "step": state.global_step})
         if main_process():
             print(
-                f"\nalign: warning: the policy's log-prob of the chosen responses fell {drop:.1f} nats "
-                f"below where it started (step {state.global_step}; train.max_logp_drop="
+                f"\nalign: warning: the policy's log-prob of the chosen responses fell {drop:.1f} {self.unit} "
+                f"below where it started (step {state.global_step}; {self.key}="
                 f"{self.max_drop:g}): the model is collapsing. Lower train.lr"
                 + ("" if self.on_collapse == "stop" else ", or set train.on_collapse=stop to stop here"),
                 flush=True,
@@ -184,9 +204,11 @@ def trainer_kwargs(cfg: Any) -> dict[str, Any]:
     )
 
 
-def train(ctx: Any, trainer: Any, *, beta: float | None = None) -> None:
+def train(ctx: Any, trainer: Any, *, beta: float | None = None, reference_free: bool = False) -> None:
     """``trainer.train()`` with signal handling, the non-finite check and resume; with ``beta``
-    (a preference stage whose logs carry ``rewards/chosen``) also the collapse check."""
+    (a preference stage whose logs carry ``rewards/chosen`` against its reference: dpo, kto) or
+    ``reference_free`` (logs carry the per-token ``logps/chosen``: orpo, simpo) also the collapse
+    check (:class:`CollapseGuard`)."""
     t = ctx.cfg.train
     on_nan = str(getattr(t.on_nan, "value", t.on_nan))
     guard = Guard(on_nan, trainer=trainer, resume_from=getattr(ctx, "resume_from", None))
@@ -197,10 +219,12 @@ def train(ctx: Any, trainer: Any, *, beta: float | None = None) -> None:
     if every > 1:
         trainer.add_callback(backbone.checkpoint_callback(every))
     collapse = None
+    on_collapse = str(getattr(t.on_collapse, "value", t.on_collapse))
     if beta and t.max_logp_drop is not None:
-        collapse = CollapseGuard(
-            float(t.max_logp_drop), str(getattr(t.on_collapse, "value", t.on_collapse)), beta
-        )
+        collapse = CollapseGuard(float(t.max_logp_drop), on_collapse, beta)
+    elif reference_free and t.max_token_logp_drop is not None:
+        collapse = CollapseGuard(float(t.max_token_logp_drop), on_collapse, None, "train.max_token_logp_drop")
+    if collapse is not None:
         trainer.add_callback(collapse)
     resume_from = getattr(ctx, "resume_from", None)
     with guard.signals():
@@ -238,10 +262,12 @@ def train(ctx: Any, trainer: Any, *, beta: float | None = None) -> None:
             if ckpt
             else f"no checkpoint was saved before it (train.save_steps={t.save_steps})"
         )
+        stage = ctx.cfg.stage
+        remedy = f"Lower train.lr (or raise {stage}.beta)" if collapse.beta else "Lower train.lr"
         raise AlignError(
             f"training collapsed at step {collapse.collapsed_step}: the log-prob of the chosen responses "
-            f"fell {collapse.drop:.1f} nats below the start (train.max_logp_drop={t.max_logp_drop:g}, "
-            f"train.on_collapse=stop); no adapter was saved. Lower train.lr (or raise dpo.beta); {kept}"
+            f"fell {collapse.drop:.1f} {collapse.unit} below the start ({collapse.key}={collapse.max_drop:g}, "
+            f"train.on_collapse=stop); no adapter was saved. {remedy}; {kept}"
         )
     if guard.stopped_by:
         name = signal.Signals(guard.stopped_by).name

@@ -21,6 +21,7 @@ that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -267,6 +268,7 @@ def _sample_prompt_learning(
     greedy = p.temperature <= 0
     warpers = None if greedy else _warpers(p)
     base = model.get_base_model()
+    cache_kw = cache_kwarg(base)
     was_training = model.training
     model.eval()
     out: list[Completion] = []
@@ -276,7 +278,7 @@ def _sample_prompt_learning(
             for ids in tqdm(prompt_ids, desc=desc, unit="prompt", leave=False, disable=not progress):
                 x = torch.tensor([list(ids)], dtype=torch.long, device=device)
                 res = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
-                cache, logits = res.past_key_values, res.logits[:, -1, :].float()
+                cache, logits = _returned_cache(res), res.logits[:, -1, :].float()
                 c = Completion(prompt_ids=list(ids), logprobs=[] if greedy else None)
                 while True:
                     if greedy:
@@ -290,10 +292,10 @@ def _sample_prompt_learning(
                         break
                     step = base(
                         input_ids=torch.tensor([[token]], device=device),
-                        past_key_values=cache,
+                        **{cache_kw: cache},
                         use_cache=True,
                     )
-                    cache, logits = step.past_key_values, step.logits[:, -1, :].float()
+                    cache, logits = _returned_cache(step), step.logits[:, -1, :].float()
                 hit = c.ids[-1] in stop_set
                 c.n_tokens = len(c.ids) - (1 if hit else 0)
                 c.truncated = not hit
@@ -345,6 +347,24 @@ def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Ten
     return out.to(device), m.to(device)
 
 
+def cache_kwarg(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` since transformers renamed it (passing
+    the old ``past_key_values`` there warns on every call), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned: ``output.cache`` since transformers renamed it (reading
+    ``past_key_values`` there warns), ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class _Decoder:
     """Continuous batching over a KV cache of at most ``bs`` rows.
 
@@ -361,6 +381,7 @@ class _Decoder:
         self.bs, self.progress = bs, progress
         self.greedy = p.temperature <= 0
         self.warpers = None if self.greedy else _warpers(p)
+        self.cache_kw = cache_kwarg(model)
         self.out: list[Completion] = [Completion(prompt_ids=list(x)) for x in prompt_ids]
         self.logps: list[list[float]] = [[] for _ in prompt_ids]
 
@@ -374,7 +395,7 @@ class _Decoder:
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
+            **{self.cache_kw: cache},
             use_cache=True,
             logits_to_keep=1,
         )
@@ -466,7 +487,7 @@ class _Decoder:
                         input_ids=token[:, None],
                         attention_mask=mask,
                         position_ids=next_pos,
-                        past_key_values=cache,
+                        **{self.cache_kw: cache},
                         use_cache=True,
                     )
                     .logits[:, -1, :]

@@ -56,6 +56,12 @@ class Tracker:
 
             self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
+    def image(self, name: str, path: str | Path) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path))})
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
@@ -85,6 +91,11 @@ def start(cfg: Any, stage: str, run_dir: Path, resume_id: str | None = None) -> 
     wandb_dir = Path(t.dir or run_dir)
     wandb_dir.mkdir(parents=True, exist_ok=True)
     name = t.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    silent = mode == TrackingMode.offline.value
+    if hasattr(wandb, "termsetup"):
+        # a run's `silent` setting does not reach W&B's console functions, which then print e.g.
+        # "URL not available in offline run" whenever TRL writes a model card; apply it there too
+        wandb.termsetup(wandb.Settings(silent=silent), None)
     try:
         run = wandb.init(
             mode=mode,
@@ -98,7 +109,7 @@ def start(cfg: Any, stage: str, run_dir: Path, resume_id: str | None = None) -> 
             job_type=stage,
             dir=str(wandb_dir),
             config=config_dict(cfg) | {"run_dir": str(run_dir)},
-            settings=wandb.Settings(silent=mode == TrackingMode.offline.value),
+            settings=wandb.Settings(silent=silent),
         )
     except Exception as e:  # e.g. online without credentials
         from align.errors import AlignError

@@ -1,7 +1,7 @@
 """TRL's trainers with align's speedups.
 
-* Length-grouped batching for preference pairs (DPO, RM): pairs of similar length share a
-  batch, so less compute goes to padding (TRL 1.16 disables DPO's padding-free mode).
+* Length-grouped batching for preference pairs (DPO, RM, ORPO, SimPO): pairs of similar length
+  share a batch, so less compute goes to padding (TRL 1.16 disables DPO's padding-free mode).
 * Reference log-probabilities cached on disk across runs (DPO). TRL's ``precompute_ref_log_probs`` caches beside the dataset under a fingerprint that
 changes from run to run, so every rerun and every job of a sweep recomputes the
 reference pass. Here the key is what the numbers depend on: the reference weights (TRL's
@@ -23,13 +23,15 @@ import tempfile
 
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from trl import DPOTrainer, GRPOTrainer, RewardTrainer, RLOOTrainer
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer
 
 from align.cache import cache_root
 
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# TRL's experimental ORPO/CPO trainers tokenize a pair as whole sequences (prompt + response)
+FULL_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
 
 
 def _content_hash(dataset) -> str:
@@ -43,6 +45,8 @@ def _content_hash(dataset) -> str:
 def pair_lengths(dataset) -> list[int]:
     """Tokens a pair puts in a batch row: its prompt plus the longer of its two completions."""
     cols = dataset.column_names
+    if all(c in cols for c in FULL_COLUMNS):  # ORPO/CPO: each column holds prompt + response
+        return [max(len(c), len(r)) for c, r in zip(*(dataset[c] for c in FULL_COLUMNS), strict=True)]
     chosen, rejected = dataset["chosen_ids"], dataset["rejected_ids"]
     prompts = dataset["prompt_ids"] if "prompt_ids" in cols else [[]] * len(chosen)
     return [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
@@ -56,7 +60,7 @@ class LengthGroupedPairsMixin:
         if (
             dataset is None
             or self.args.train_sampling_strategy != "group_by_length"
-            or "chosen_ids" not in dataset.column_names
+            or not {"chosen_ids", FULL_COLUMNS[0]} & set(dataset.column_names)
         ):
             return None
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -121,6 +125,71 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
             self._eval_ref_due = True
             self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", pending)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+class AlignKTOTrainer(KTOTrainer):
+    """TRL's KTOTrainer (stable in TRL 1.16; ``trl.experimental.kto`` is a deprecated alias)."""
+
+
+TESTED_TRL = "1.16"  # the TRL release align's experimental-namespace stages (orpo, simpo) were tested with
+
+
+def _experimental(name: str):
+    """``trl.experimental.<name>``, imported on use: importing trl.experimental warns that its
+    APIs may change or go without notice, so a TRL other than the tested one is named in the log."""
+    import importlib
+
+    import trl
+
+    if not trl.__version__.startswith(TESTED_TRL + "."):
+        log.warning(
+            "trl.experimental.%s: align was tested with TRL %s.x; this is TRL %s, whose experimental "
+            "API may differ (pip install 'trl==1.16.0' to get the tested one)",
+            name,
+            TESTED_TRL,
+            trl.__version__,
+        )
+    return importlib.import_module(f"trl.experimental.{name}")
+
+
+class SoftPromptLogitsMixin:
+    """adapter=prompt under TRL's experimental ORPO/CPO: peft puts the soft prompt's positions in
+    front of the logits, which these trainers compare with the labels position by position; the
+    model's output drops them for the trainer's forward (stage=dpo's trainer aligns them itself)."""
+
+    def concatenated_forward(self, model, *args, **kwargs):
+        def trim(module, inputs, kw, out):
+            ids = kw.get("input_ids", inputs[0] if inputs else None)
+            extra = out.logits.size(1) - ids.size(1) if ids is not None else 0
+            if extra > 0:
+                out.logits = out.logits[:, extra:]
+            return out
+
+        handle = model.register_forward_hook(trim, with_kwargs=True)
+        try:
+            return super().concatenated_forward(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def orpo_classes():
+    """(AlignORPOTrainer, ORPOConfig) from TRL's experimental ORPO."""
+    mod = _experimental("orpo")
+
+    class AlignORPOTrainer(SoftPromptLogitsMixin, LengthGroupedPairsMixin, mod.ORPOTrainer):
+        pass
+
+    return AlignORPOTrainer, mod.ORPOConfig
+
+
+def cpo_classes():
+    """(AlignCPOTrainer, CPOConfig) from TRL's experimental CPO (SimPO is its loss_type=simpo)."""
+    mod = _experimental("cpo")
+
+    class AlignCPOTrainer(SoftPromptLogitsMixin, LengthGroupedPairsMixin, mod.CPOTrainer):
+        pass
+
+    return AlignCPOTrainer, mod.CPOConfig
 
 
 class FastSamplingMixin:

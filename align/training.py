@@ -43,26 +43,6 @@ def needed_train_rows(cfg: Any) -> int | None:
     return t.max_steps * t.batch_size * t.grad_accum * world_size()
 
 
-def check_init_kind(cfg: Any, init: Any, key: str) -> None:
-    """A run continued from ``init`` (dpo.init, ...) must use the method ``init`` was trained with
-    (the LoRA family is interchangeable), so its artifact records what it really trained."""
-    from align.config import LORA_KINDS
-
-    have = init.adapter_kind
-    want = str(getattr(cfg.adapter.kind, "value", cfg.adapter.kind))
-    if have == want or (have in LORA_KINDS and want in LORA_KINDS):
-        return
-    if have == "none":
-        raise AlignError(
-            f"{key}={init.run_dir}: was a full fine-tune (adapter=none); export it (stage=export) and use "
-            "its model as model.name_or_path"
-        )
-    raise AlignError(
-        f"{key}={init.run_dir}: was trained with adapter={have}, but this run has adapter={want}; "
-        f"set adapter={have} to continue it"
-    )
-
-
 def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
     """The stage's validated rows (``data.load``), prompts checked against ``model.max_length``
     with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``."""
@@ -93,13 +73,59 @@ def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
     return split
 
 
-def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str, Any]:
-    """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...)."""
+def init_run(cfg: Any, key: str, expect: tuple[str, ...]) -> artifacts.Artifact | None:
+    """The finished run that ``<key>`` (e.g. ``kto.init``) names, checked: one of the stages
+    ``expect`` on this base model, trained with this run's method (:func:`check_init_kind`);
+    None when the key is unset (start from the base)."""
+    value = OmegaConf.select(cfg, key)
+    if not value:
+        return None
+    init = artifacts.read(value, key=key, expect_stage=expect, base_model=cfg.model.name_or_path)
+    check_init_kind(cfg, init, key)
+    return init
+
+
+def check_init_kind(cfg: Any, init: Any, key: str) -> None:
+    """A run continued from ``init`` (dpo.init, ...) must use the method ``init`` was trained with
+    (the LoRA family is interchangeable), so its artifact records what it really trained."""
+    from align.config import LORA_KINDS
+
+    have = init.adapter_kind
+    want = str(getattr(cfg.adapter.kind, "value", cfg.adapter.kind))
+    if have == want or (have in LORA_KINDS and want in LORA_KINDS):
+        return
+    if have == "none":
+        raise AlignError(
+            f"{key}={init.run_dir}: was a full fine-tune (adapter=none); export it (stage=export) and use "
+            "its model as model.name_or_path"
+        )
+    raise AlignError(
+        f"{key}={init.run_dir}: was trained with adapter={have}, but this run has adapter={want}; "
+        f"set adapter={have} to continue it"
+    )
+
+
+def init_reference(cfg: Any, bb: Any, init: artifacts.Artifact | None) -> Any:
+    """The frozen reference model of a preference stage with a reference (dpo, kto) that continues
+    ``init`` with a policy that is no peft model (adapter=freeze from a freeze run): that run's
+    model, where TRL would reload the base. None otherwise: TRL disables the policy's adapter, or
+    reloads the base (no init)."""
+    if init is None or bb.peft_config is not None or hasattr(bb.model, "peft_config"):
+        return None
+    from align import backbone
+
+    ref_model, _, _ = backbone.load_trained(cfg, init.adapter_dir)
+    return ref_model.requires_grad_(False)
+
+
+def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, ...); ``overrides``
+    replace the shared ones a stage must set its own way (KTO: ``train_sampling_strategy``)."""
     from align import guard  # checkpointing and non-finite handling
 
     t = ctx.cfg.train
     periodic_eval = has_eval and t.eval_steps > 0
-    return dict(
+    args = dict(
         output_dir=str(ctx.run_dir / "checkpoints"),
         learning_rate=t.lr,
         max_steps=t.max_steps,
@@ -125,6 +151,7 @@ def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool) -> dict[str
         disable_tqdm=False,
         **runtime.trainer_kwargs(),
     )
+    return args | overrides
 
 
 def evaluate(trainer: Any) -> dict[str, float]:
@@ -153,6 +180,35 @@ def train_metrics(trainer: Any, since: float | None = None) -> dict[str, float]:
     if since is not None:
         out["time/train_s"] = round(time.perf_counter() - since, 2)
     return out
+
+
+def train_and_finish(
+    ctx: StageContext,
+    trainer: Any,
+    *,
+    tokenizer: Any,
+    data_info: dict[str, Any],
+    headline: list[str],
+    started: float,
+    lineage: dict[str, Any] | None = None,
+    **collapse: Any,
+) -> dict[str, float]:
+    """The end of a TRL stage's recipe: train under align.guard (checkpoints, SIGTERM/SIGINT,
+    non-finite steps, resume; with ``beta=`` or ``reference_free=True`` the collapse check),
+    evaluate on the held-out rows, save the adapter and the artifact."""
+    from align import guard
+
+    guard.train(ctx, trainer, **collapse)
+    metrics = train_metrics(trainer, since=started) | evaluate(trainer)
+    return finish(
+        ctx,
+        model=trainer.model,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        data_info=data_info,
+        headline=headline,
+        lineage=lineage,
+    )
 
 
 def finish(
@@ -185,6 +241,7 @@ def finish(
             metrics["model/adapter_bytes"] = float(adapter_info["size_bytes"])
         OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
         artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
+        write_curves(ctx)
         ctx.tracker.summary(metrics)
         artifacts.write_manifest(
             run_dir,
@@ -208,6 +265,27 @@ def trainable_params(model: Any) -> int:
 def weights_bytes(directory: Path) -> int:
     """Bytes of the saved weights (safetensors files) in ``directory``: the adapter's size on disk."""
     return int(sum(f.stat().st_size for f in Path(directory).glob("*.safetensors")))
+
+
+def write_curves(ctx: StageContext) -> Path | None:
+    """curves.png from the run's log_history.json (every training stage writes one; stage=eval
+    does not): loss and the signals its metric names carry (align.plots). A failure to draw is
+    one warning line, never the end of the run."""
+    import json
+
+    from align import plots
+
+    history_file = ctx.run_dir / "log_history.json"
+    if not history_file.is_file():
+        return None
+
+    def draw() -> Path | None:
+        history = json.loads(history_file.read_text())
+        return plots.curves(
+            history, ctx.run_dir / plots.CURVES_PNG, title=f"stage={ctx.cfg.stage}  {ctx.run_dir.name}"
+        )
+
+    return plots.safely(plots.CURVES_PNG, draw)
 
 
 def _fmt(v: float) -> str:
@@ -234,6 +312,11 @@ def summary_text(
         lines.append(f"  adapter  {ctx.run_dir / ADAPTER_DIR}")
     if (ctx.run_dir / "report.md").is_file():
         lines.append(f"  report   {ctx.run_dir / 'report.md'}")
+    from align import plots
+
+    for name in (plots.CURVES_PNG, plots.EVAL_PNG):
+        if (ctx.run_dir / name).is_file():
+            lines.append(f"  chart    {ctx.run_dir / name}")
     if data_info and "format" in data_info:  # what data.load detected and converted
         from align.data import format_line
 

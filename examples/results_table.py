@@ -1,5 +1,6 @@
-"""Results table: base, SFT, SFT->DPO, SFT->RM->PPO and SFT->GRPO on the embedded SmolLM2-135M,
-each trained for a fixed budget and then evaluated by stage=eval on the same held-out data.
+"""Results table: base, SFT, SFT->DPO, SFT->KTO, ORPO, SFT->SimPO, SFT->RM->PPO and SFT->GRPO on
+the embedded SmolLM2-135M, each trained for a fixed budget and then evaluated by stage=eval on
+the same held-out data.
 
     .venv/bin/python examples/results_table.py --minutes 10          # hours of CPU in all
     .venv/bin/python examples/results_table.py --steps sft=60,dpo=40,rm=30,ppo=5,grpo=24
@@ -32,6 +33,11 @@ METHODS = [
     # stage=dpo's default lr from an SFT adapter is 5e-5 (5e-4, its default from the base,
     # collapsed within 40 steps: both log-probs fell ~27 nats, outputs became "<<<<...")
     ("SFT -> DPO", [("sft", []), ("dpo", ["dpo.init={sft}"])]),
+    # KTO on the shipped pairs, each split into a desirable and an undesirable row
+    ("SFT -> KTO", [("sft", []), ("kto", ["kto.init={sft}"])]),
+    # ORPO is SFT and preference optimisation in one stage: it starts from the base
+    ("ORPO (from base)", [("orpo", [])]),
+    ("SFT -> SimPO", [("sft", []), ("simpo", ["simpo.init={sft}"])]),
     ("SFT -> RM -> PPO", [("sft", []), ("rm", []), ("ppo", ["ppo.policy={sft}", "ppo.reward={rm}"])]),
     ("SFT -> GRPO (judge:ifeval)", [("sft", []), ("grpo", ["grpo.init={sft}", "grpo.reward=judge:ifeval"])]),
 ]
@@ -134,6 +140,9 @@ def main() -> None:
         train_extra = {
             "sft": ["data=tiny"],
             "dpo": ["data=tiny"],
+            "kto": ["data=tiny"],
+            "orpo": ["data=tiny"],
+            "simpo": ["data=tiny"],
             "rm": ["data=tiny"],
             "ppo": ["data.max_train_rows=16", "data.max_eval_rows=2", "ppo.max_new_tokens=16"],
             "grpo": ["data.max_train_rows=16", "grpo.max_completion_length=16"],

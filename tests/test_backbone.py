@@ -24,7 +24,7 @@ def test_cpu_runtime_follows_the_cpus_bf16(monkeypatch, native_bf16):
     assert kw["use_cpu"] is True and kw["bf16"] is native_bf16 and kw["fp16"] is False
     # no checkpointing on CPU by default; stage=dpo (the default stage) turns it on, as TRL does
     assert backbone.detect_runtime(compose("device=cpu", "stage=sft")).gradient_checkpointing is False
-    assert kw["gradient_checkpointing"] is (compose("device=cpu").stage == "dpo")
+    assert kw["activation_checkpointing"] is (compose("device=cpu").stage == "dpo")
 
 
 @pytest.mark.parametrize("forced", ["0", "1"])

@@ -34,6 +34,12 @@ def test_sft_run_prints_a_summary_with_outputs_metrics_and_wandb_sync(tiny_model
     assert json.loads((run_dir / "artifact.json").read_text())["stage"] == "sft"
     # progress was shown while training (tqdm on stderr)
     assert "3/3" in r.stderr
+    # and nothing from the libraries that concerns no run: bitsandbytes' `kernels` notice,
+    # transformers' deprecations raised from TRL/peft code, W&B's offline URL notice
+    for noise in ("kernels", "FutureWarning", "is deprecated", "URL not available", "trl.experimental"):
+        assert noise not in r.stderr, (noise, r.stderr[-3000:])
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"chart    {run_dir / 'curves.png'}" in out
 
 
 def test_multirun_sweeps_dpo_beta(tiny_model, tmp_path):

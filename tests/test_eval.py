@@ -165,10 +165,75 @@ def test_eval_of_a_dpo_run_reports_higher_preference_accuracy_than_base(tiny_mod
     md = (out / "report.md").read_text()
     assert "| metric | baseline | model | difference |" in md and "| pref/accuracy |" in md
     assert "## Per instruction type" in md and "## Samples" in md
+    assert "![per-instruction-type accuracy](eval.png)" in md  # model next to the base, drawn
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["chart"] == "eval.png"
     manifest = json.loads((out / "artifact.json").read_text())
     assert manifest["stage"] == "eval" and manifest["adapter"]["path"] is None
     assert not (out / "adapter").exists()
     assert manifest["metrics"]["eval/pref/accuracy"] == m["eval/pref/accuracy"]
+
+
+def test_several_models_one_table_one_row_each(tiny_model, dpo_run, tmp_path, monkeypatch):
+    """eval.model=[base,<run>,<run>]: every model on the same prompts, one row each, the
+    difference to the base with its noise band, one chart; each model loaded once."""
+    import math
+
+    from align import backbone
+
+    run_dir, test_pairs = dpo_run
+    loads = []
+    real_load = backbone.load_base_model
+
+    def counting(path, *a, **kw):
+        loads.append(path)
+        return real_load(path, *a, **kw)
+
+    cfg = compose(
+        "stage=eval",
+        *tiny_overrides(
+            tiny_model, f"eval.model=[base,{run_dir},{run_dir}]", f"eval.pairs={test_pairs}", *EVAL_FAST
+        ),
+    )
+    monkeypatch.setattr(backbone, "load_base_model", counting)
+    m = execute(cfg, tmp_path / "eval")
+    assert len(loads) == 3  # base once, the run twice (no second base copy for a baseline)
+    out = tmp_path / "eval"
+    report = json.loads((out / "eval.json").read_text())
+    assert report["format"] == "align-eval-models/1"
+    labels = [r["label"] for r in report["models"]]
+    assert labels == ["base", "dpo:run", "dpo:run#2"] and report["baseline"] == "base"
+    for r in report["models"]:
+        assert r["metrics"]["ifeval/prompts"] == 6 and r["metrics"]["pref/pairs"] == 24
+    base, dpo, dpo2 = report["models"]
+    assert base["vs_base"] is None and dpo["metrics"] == dpo2["metrics"]  # same run, same numbers
+    assert dpo["metrics"]["pref/accuracy"] > base["metrics"]["pref/accuracy"]
+    v = dpo["vs_base"]
+    pa, pb = dpo["metrics"]["ifeval/prompt_accuracy"], base["metrics"]["ifeval/prompt_accuracy"]
+    assert v["delta/ifeval/prompt_accuracy"] == pytest.approx(pa - pb)
+    assert v["band/ifeval/prompt_accuracy"] == pytest.approx(
+        1.96 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / 6)
+    )
+    assert report["noise"]["worst_case_prompts"] == pytest.approx(1.96 * math.sqrt(0.5 / 6))
+    assert m["eval/dpo:run/pref/accuracy"] == dpo["metrics"]["pref/accuracy"]
+    # report.md: one table row per model, and the chart next to it
+    md = (out / "report.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "`" in ln]
+    assert [ln.split(" | ")[0][2:] for ln in rows] == labels
+    assert "±95%" in md and "1.96 × sqrt(p_a(1−p_a)/n + p_b(1−p_b)/n)" in md
+    assert "![per-instruction-type accuracy](eval.png)" in md
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cols, table = evaluation.models_table(report)
+    assert len(table) == 3 and cols[:2] == ["model", "spec"]
+    # the forgetting check, each model against its base (none for the base itself: nothing to compare)
+    assert base["forgetting"] is None and not any(k.startswith("forgetting/") for k in base["metrics"])
+    assert dpo["metrics"]["forgetting/kl_base_tuned"] > 0 and dpo["forgetting"]["verdict"]
+    assert m["eval/dpo:run/forgetting/ppl_ratio"] == dpo["metrics"]["forgetting/ppl_ratio"]
+    assert "## Forgetting" in md and dpo["forgetting"]["verdict"] in md
+
+
+def test_eval_model_list_is_validated(tiny_model, tmp_path):
+    with pytest.raises(AlignError, match="eval.model is empty"):
+        execute(compose("stage=eval", *tiny_overrides(tiny_model, "eval.model=[]")), tmp_path / "e")
 
 
 def test_judged_accuracy_and_win_rate_on_fixed_completions(tiny_model, dpo_run, tmp_path, monkeypatch):

@@ -221,9 +221,16 @@ def test_stage_eval_and_export_load_every_kind(tiny_model, sft_runs, kind, tmp_p
         ("prompt", "classify"),
         ("ia3", "rm"),
         ("ia3", "classify"),
+        # the other preference stages, as dpo (orpo/simpo compare logits with labels by position:
+        # the soft prompt's positions must not shift them)
+        ("freeze", "kto"),
+        ("prefix", "kto"),
+        ("prompt", "orpo"),
+        ("prompt", "simpo"),
+        ("ia3", "simpo"),
     ],
 )
-def test_new_kinds_run_dpo_rm_and_classify(tiny_model, tmp_path, kind, stage):
+def test_new_kinds_run_the_preference_stages_rm_and_classify(tiny_model, tmp_path, kind, stage):
     pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees", "music"], 32, 0)
     extra = [f"adapter={kind}", "train.max_steps=12", "train.batch_size=4", f"train.lr={LR[kind]}"]
     extra += (
@@ -243,6 +250,17 @@ def test_dpo_continues_a_freeze_sft_run_with_it_as_reference(tiny_model, sft_run
     assert m["train/first_loss"] == pytest.approx(0.6931, abs=1e-3)
     with pytest.raises(AlignError, match="was trained with adapter=freeze.*set adapter=freeze"):
         execute(compose("stage=dpo", *tiny_overrides(tiny_model, "adapter=lora", *over)), tmp_path / "x")
+
+
+def test_kto_continues_a_freeze_sft_run_with_it_as_reference(tiny_model, sft_runs, tmp_path):
+    run_dir = sft_runs["freeze"][0]
+    pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees"], 16, 0)
+    over = [f"data.train={pairs}", "train.max_steps=2", "train.batch_size=4", f"kto.init={run_dir}"]
+    m = execute(compose("stage=kto", *tiny_overrides(tiny_model, "adapter=freeze", *over)), tmp_path / "kto")
+    # the reference is the SFT model: at the first step policy == reference, rewards and KL 0, loss 1/2
+    assert m["train/first_loss"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(AlignError, match="kto.init=.*was trained with adapter=freeze.*set adapter=freeze"):
+        execute(compose("stage=kto", *tiny_overrides(tiny_model, "adapter=ia3", *over)), tmp_path / "x")
 
 
 # --------------------------------------------------------------------------- impossible combinations

@@ -56,6 +56,17 @@ def test_sft_loss_falls_and_artifact_is_complete(sft_run):
     assert metrics["eval/loss"] < metrics["train/first_loss"] - 0.4
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_training_run_writes_curves_png(sft_run):
+    """curves.png beside log_history.json: a real PNG with the loss (and SFT's token accuracy)."""
+    run_dir, _ = sft_run
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 20_000, len(png)
+    assert (run_dir / "log_history.json").is_file() and not list(run_dir.glob(".*.tmp"))
+
+
 def test_dpo_learns_held_out_preferences(tiny_model, pair_files, tmp_path):
     train, test = pair_files
     cfg = compose(
@@ -71,6 +82,8 @@ def test_dpo_learns_held_out_preferences(tiny_model, pair_files, tmp_path):
     # a normal run does not trip the collapse guard (default train.max_logp_drop)
     history = json.loads((tmp_path / "dpo" / "log_history.json").read_text())
     assert not any("collapse/logp_drop" in h for h in history)
+    png = (tmp_path / "dpo" / "curves.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 20_000
 
 
 @pytest.mark.parametrize("on_collapse", ["warn", "stop"])

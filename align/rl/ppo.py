@@ -128,7 +128,7 @@ def build_models(cfg: Any, path: str, rt: Any, *, policy_dir=None, reward_dir=No
     for m in {id(m): m for m in models.values()}.values():
         _no_dropout(m)
         if rt.gradient_checkpointing:  # recompute activations in backward: less memory, ~1/3 more compute
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.enable_checkpointing(m, {"use_reentrant": False})
             backbone.checkpoint_every_nth_layer(m, rt.checkpoint_every)
         if hasattr(m, "base_model") and hasattr(m, "peft_config"):
             m.base_model.set_adapter(

@@ -13,8 +13,10 @@ from align.config import validate
 def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     """Validate ``cfg``, open the W&B run and run the stage into ``run_dir``."""
     from align import runs, tracking
+    from align.console import quiet_libraries
     from align.training import StageContext
 
+    quiet_libraries()  # again: a test runner or notebook may have reset the warnings filters
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

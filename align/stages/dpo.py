@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from align import artifacts, backbone, guard, training
+from align import backbone, training
 from align.config import dpo_loss_types
 from align.training import StageContext
 
@@ -21,19 +21,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     from align.trainers import AlignDPOTrainer
 
     cfg = ctx.cfg
-    init = None
-    if cfg.dpo.init:
-        init = artifacts.read(
-            cfg.dpo.init, key="dpo.init", expect_stage=("sft", "dpo"), base_model=cfg.model.name_or_path
-        )
-        training.check_init_kind(cfg, init, "dpo.init")
+    init = training.init_run(cfg, "dpo.init", expect=("sft", "dpo"))
     split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, init_adapter=init.adapter_dir if init else None)
-    ref_model = None
-    if init is not None and bb.peft_config is None and not hasattr(bb.model, "peft_config"):
-        # adapter=freeze from a freeze run: the reference is that run's model (TRL would reload the base)
-        ref_model, _, _ = backbone.load_trained(cfg, init.adapter_dir)
-        ref_model.requires_grad_(False)
     args = DPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
@@ -46,26 +36,23 @@ def run(ctx: StageContext) -> dict[str, float]:
     started = time.perf_counter()  # tokenization + reference pass + training
     trainer = AlignDPOTrainer(
         model=bb.model,
-        ref_model=ref_model,
+        ref_model=training.init_reference(cfg, bb, init),  # adapter=freeze from a freeze run
         args=args,
         train_dataset=split.train,
         eval_dataset=split.eval,
         processing_class=bb.tokenizer,
         peft_config=bb.peft_config,
     )
-    # checkpoints, SIGTERM/SIGINT, non-finite steps, resume, collapse (train.max_logp_drop)
-    guard.train(ctx, trainer, beta=cfg.dpo.beta)
-    metrics = training.train_metrics(trainer, since=started) | training.evaluate(trainer)
-    lineage = {
-        "init": str(init.run_dir) if init else None,
-        "reference": "init adapter" if init else "base model",
-    }
-    return training.finish(
+    return training.train_and_finish(
         ctx,
-        model=trainer.model,
+        trainer,
         tokenizer=bb.tokenizer,
-        metrics=metrics,
         data_info=split.info,
         headline=HEADLINE,
-        lineage=lineage,
+        started=started,
+        lineage={
+            "init": str(init.run_dir) if init else None,
+            "reference": "init adapter" if init else "base model",
+        },
+        beta=cfg.dpo.beta,  # collapse check: train.max_logp_drop
     )

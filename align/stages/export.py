@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from align import artifacts, backbone, runs
-from align.config import PROMPT_LEARNING_KINDS
+from align.config import POLICY_STAGES, PROMPT_LEARNING_KINDS
 from align.errors import AlignError
 from align.training import StageContext
 
 MODEL_DIR = "model"
-CAUSAL_STAGES = ("sft", "dpo", "ppo", "grpo", "rloo", "rlhf")
+CAUSAL_STAGES = (*POLICY_STAGES, "rlhf")
 KEY_METRICS = ("eval/", "train/loss", "train/global_step", "train/reward")
 
 

@@ -9,7 +9,7 @@ reference.
 from __future__ import annotations
 
 from align import artifacts, backbone, guard, training
-from align.config import LORA_KINDS
+from align.config import LORA_KINDS, PREFERENCE_STAGES
 from align.training import StageContext
 
 _PPO_INSTEAD = (
@@ -31,7 +31,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     policy = reward = None
     if p.policy:
         policy = artifacts.read(
-            p.policy, key="ppo.policy", expect_stage=("sft", "dpo", "ppo"), base_model=cfg.model.name_or_path
+            p.policy,
+            key="ppo.policy",
+            expect_stage=("sft", *PREFERENCE_STAGES, "ppo"),
+            base_model=cfg.model.name_or_path,
         )
         policy.require_kind("ppo.policy", LORA_KINDS, _PPO_INSTEAD)
     reward_fn = None
