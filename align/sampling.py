@@ -21,6 +21,7 @@ that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -365,6 +366,63 @@ def _returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+# tokens a KV-cache buffer grows by when it is full (one copy per this many decode steps)
+CACHE_GROW = 64
+
+
+@functools.cache
+def _growing_layer_class():
+    """A DynamicLayer whose keys/values live in a buffer with spare room along the sequence, so
+    a decode step writes its token in place instead of ``torch.cat``-ing (copying) the whole
+    cache, as DynamicLayer does on every step (12% of a batch-64 decode step on 2 CPU cores).
+    ``keys``/``values`` are views of the buffer; when code outside replaces them (rows
+    dropped, cache cropped or joined), the next update adopts the new tensors into a new buffer."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _kbuf = _vbuf = _kview = _vview = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.size(-2)
+            if self._kbuf is None or self.keys is not self._kview or self.values is not self._vview:
+                self._adopt(key_states, value_states, n)  # first step, or replaced from outside
+            elif self.keys.size(-2) + n > self._kbuf.size(-2):
+                self._adopt(key_states, value_states, n)  # full
+            length = self.keys.size(-2)
+            self._kbuf[..., length : length + n, :] = key_states
+            self._vbuf[..., length : length + n, :] = value_states
+            self.keys = self._kview = self._kbuf[..., : length + n, :]
+            self.values = self._vview = self._vbuf[..., : length + n, :]
+            return self.keys, self.values
+
+        def _adopt(self, key_states, value_states, incoming: int) -> None:
+            """Move the current keys/values (none on the first step) into new buffers with room
+            for ``incoming`` + CACHE_GROW more tokens."""
+            for name, cur, new in (("k", self.keys, key_states), ("v", self.values, value_states)):
+                length = cur.size(-2) if cur.dim() == 4 else 0
+                buf = new.new_empty((*new.shape[:2], length + incoming + CACHE_GROW, new.shape[3]))
+                if length:
+                    buf[..., :length, :] = cur
+                view = buf[..., :length, :]
+                setattr(self, f"_{name}buf", buf)
+                if name == "k":
+                    self.keys = self._kview = view
+                else:
+                    self.values = self._vview = view
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self._kbuf is None or self.keys is not self._kview or self.values is not self._vview:
+                return super().batch_select_indices(indices)
+            length = self.keys.size(-2)
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self.keys = self._kview = self._kbuf[..., :length, :]
+            self.values = self._vview = self._vbuf[..., :length, :]
+
+    return GrowingLayer
+
+
 class _Decoder:
     """Continuous batching over a KV cache of at most ``bs`` rows.
 
@@ -382,15 +440,18 @@ class _Decoder:
         self.greedy = p.temperature <= 0
         self.warpers = None if self.greedy else _warpers(p)
         self.cache_kw = cache_kwarg(model)
+        self.layer_cls = _growing_layer_class()
         self.out: list[Completion] = [Completion(prompt_ids=list(x)) for x in prompt_ids]
         self.logps: list[list[float]] = [[] for _ in prompt_ids]
 
     def _prefill(self, idx: list[int]):
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.pad_id, self.device)
         pos = positions(mask)
         cache = DynamicCache(config=self.model.config)
+        cache.layers = [self.layer_cls() if type(x) is DynamicLayer else x for x in cache.layers]
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -407,7 +468,7 @@ class _Decoder:
         """Only plain full-attention DynamicCache layers can be left-padded and joined."""
         from transformers.cache_utils import DynamicLayer
 
-        return all(type(layer) is DynamicLayer for layer in cache.layers)
+        return all(type(layer) in (DynamicLayer, _growing_layer_class()) for layer in cache.layers)
 
     @staticmethod
     def _pad_cache(cache, n: int) -> None:

@@ -178,3 +178,34 @@ def test_memory_sized_batch_stays_within_the_cap(lora_model, monkeypatch):
     assert sampling.auto_batch_size(model, 200) == 7
     # longer sequences need more memory a row: never a larger batch
     assert sampling.auto_batch_size(model, 2000) <= 7
+
+
+def test_growing_cache_layer_writes_in_place_and_matches_dynamic_layer():
+    """The decoder's KV-cache layer holds what transformers' DynamicLayer holds after every
+    update, row drop and outside replacement (join/pad/crop), and a decode step writes its
+    token into the buffer instead of copying the cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    grow, ref = sampling._growing_layer_class()(), DynamicLayer()
+
+    def step(n, batch=4):
+        k, v = torch.randn(batch, 2, n, 8), torch.randn(batch, 2, n, 8)
+        a, b = grow.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    step(5)  # prefill
+    buffer = grow._kbuf.data_ptr()
+    for _ in range(sampling.CACHE_GROW):
+        step(1)
+    assert grow._kbuf.data_ptr() == buffer  # 64 decode steps fit the first buffer: no copies
+    step(1)  # the 65th grows it
+    assert grow._kbuf.size(-2) >= 5 + sampling.CACHE_GROW + 1
+    keep = torch.tensor([0, 2, 3])
+    grow.batch_select_indices(keep)
+    ref.batch_select_indices(keep)
+    step(1, batch=3)
+    for layer in (grow, ref):  # what _Decoder._crop_left / _join do from outside
+        layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+    step(1, batch=3)
+    assert grow.get_seq_length() == ref.get_seq_length() == 5 + sampling.CACHE_GROW + 1 + 2 - 3
