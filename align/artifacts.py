@@ -118,6 +118,19 @@ class Artifact:
         return self.run_dir / rel if rel else None
 
     @property
+    def adapter_kind(self) -> str:
+        """The fine-tuning method the run used (lora, qlora, dora, none, freeze, prefix, prompt, ia3)."""
+        return (self.manifest.get("adapter") or {}).get("kind") or "lora"
+
+    def require_kind(self, key: str, allowed: tuple[str, ...], instead: str) -> None:
+        """Refuse (before any model loads) a run whose method ``key`` cannot use."""
+        if self.adapter_kind not in allowed:
+            raise AlignError(
+                f"{key}={self.run_dir}: was trained with adapter={self.adapter_kind}, which {key} cannot use; "
+                f"{instead}"
+            )
+
+    @property
     def base_model(self) -> str:
         return self.manifest["base_model"]["name_or_path"]
 
@@ -135,7 +148,17 @@ def write_manifest(
     data: dict,
     metrics: dict,
     tracking: dict | None = None,
+    adapter_info: dict | None = None,
 ) -> Path:
+    a = cfg.adapter
+    kind = a.kind.value if hasattr(a.kind, "value") else str(a.kind)
+    method: dict[str, Any] = {}
+    if kind == "freeze":
+        method = {"train_layers": a.get("train_layers"), "train_head": a.get("train_head")}
+    elif kind in ("prefix", "prompt"):
+        method = {"num_virtual_tokens": a.get("num_virtual_tokens")}
+        if kind == "prompt" and a.get("prompt_init"):
+            method["prompt_init"] = a.get("prompt_init")
     manifest = {
         "format": FORMAT,
         "stage": stage,
@@ -147,10 +170,12 @@ def write_manifest(
         },
         "adapter": {
             "path": adapter_path,
-            "kind": cfg.adapter.kind.value,
-            "r": cfg.adapter.r,
-            "alpha": cfg.adapter.alpha,
-            "bits": cfg.adapter.bits,
+            "kind": kind,
+            "r": a.r,
+            "alpha": a.alpha,
+            "bits": a.bits,
+            **method,
+            **(adapter_info or {}),
         },
         "data": data,
         "metrics": metrics,

@@ -120,10 +120,18 @@ def detect_runtime(cfg: Any) -> Runtime:
         from align import malloc
 
         every = 2 if device == "cpu" and "jemalloc" in (malloc.loaded() or "") else 1
+    gc = (device == "cuda") if gc is None else gc
+    if gc and _kind(cfg.adapter) == "prefix":
+        # transformers' checkpointed layers build the attention mask without the prefix's cached
+        # keys (34 vs 54 columns on the tiny model): prefix tuning trains without checkpointing
+        log.info(
+            "adapter=prefix: gradient checkpointing off (it does not fit prefix tuning's key/value cache)"
+        )
+        gc = False
     return Runtime(
         device=device,
         dtype=dtype,
-        gradient_checkpointing=(device == "cuda") if gc is None else gc,
+        gradient_checkpointing=gc,
         autocast_dtype=_autocast_dtype(cfg.train.autocast, device, dtype),
         checkpoint_every=every,
     )
@@ -537,29 +545,186 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm", n
     return model
 
 
-def peft_config(cfg: Any, task: str = "causal_lm"):
-    """The LoRA/DoRA config for ``cfg.adapter`` (None for full fine-tuning)."""
+def peft_config(cfg: Any, task: str = "causal_lm", model_path: str | None = None):
+    """The peft config for ``cfg.adapter``: LoRA/DoRA/QLoRA, IA3, prefix or prompt tuning; None
+    for full fine-tuning and layer freezing (no adapter: the model's own weights train).
+    ``model_path``: where the tokenizer for prompt tuning's text initialisation lives."""
     a = cfg.adapter
-    if a.kind == AdapterKind.none:
+    kind = _kind(a)
+    if kind in ("none", "freeze"):
         return None
+    task_type = "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"
+    targets = list(a.target_modules or cfg.model.lora_target_modules)
+    if kind == "ia3":
+        from peft import IA3Config
+
+        if a.target_modules:  # the user's modules; the MLP ones are scaled on their input
+            mods = list(a.target_modules)
+            ff = [
+                m for m in mods if any(x in m for x in ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h"))
+            ]
+            return IA3Config(task_type=task_type, target_modules=mods, feedforward_modules=ff)
+        return IA3Config(task_type=task_type)  # peft's defaults for the architecture (k, v, down_proj)
+    if kind == "prefix":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=a.num_virtual_tokens)
+    if kind == "prompt":
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        init = a.get("prompt_init")
+        if init:
+            return PromptTuningConfig(
+                task_type=task_type,
+                num_virtual_tokens=a.num_virtual_tokens,
+                prompt_tuning_init=PromptTuningInit.TEXT,
+                prompt_tuning_init_text=init,
+                tokenizer_name_or_path=model_path,
+            )
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=a.num_virtual_tokens)
     from peft import LoraConfig
 
-    targets = list(a.target_modules or cfg.model.lora_target_modules)
     return LoraConfig(
         r=a.r,
         lora_alpha=a.alpha,
         lora_dropout=a.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        use_dora=a.kind == AdapterKind.dora,
-        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+        use_dora=kind == "dora",
+        task_type=task_type,
         bias="none",
     )
+
+
+def _kind(adapter_cfg: Any) -> str:
+    return str(getattr(adapter_cfg.kind, "value", adapter_cfg.kind))
+
+
+def is_prompt_learning(model) -> bool:
+    """Whether ``model``'s active adapter is prefix or prompt tuning (virtual tokens that only
+    PeftModel.forward adds) and is not disabled."""
+    cfgs = getattr(model, "peft_config", None)
+    if not cfgs or getattr(model, "_adapters_disabled", False):
+        return False
+    active = getattr(model, "active_adapter", None)
+    pc = cfgs.get(active) if isinstance(active, str) else None
+    return bool(pc is not None and pc.is_prompt_learning)
+
+
+# --------------------------------------------------------------------------- layer freezing
+
+FREEZE_WEIGHTS = "freeze_weights.safetensors"
+FREEZE_CONFIG = "freeze.json"
+
+
+def check_freeze_depth(path: str, cfg: Any) -> None:
+    """adapter.train_layers against the model's depth, from its config alone (before loading)."""
+    if _kind(cfg.adapter) != "freeze":
+        return
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(
+            path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return  # load_base_model says what is wrong with the path
+    n = getattr(mc.get_text_config(), "num_hidden_layers", None)
+    if n is not None and cfg.adapter.train_layers > n:
+        raise AlignError(
+            f"adapter.train_layers={cfg.adapter.train_layers}, but {cfg.model.name_or_path} has {n} decoder "
+            f"blocks; use at most {n} (or adapter=none to train everything)"
+        )
+
+
+def _decoder_layers(model) -> Any:
+    inner = decoder(model)
+    layers = getattr(inner, "layers", None) or getattr(inner, "h", None)
+    if layers is None:
+        raise AlignError(
+            f"adapter=freeze: {type(inner).__name__} has no .layers list of decoder blocks; use adapter=lora"
+        )
+    return inner, layers
+
+
+def freeze_plan(model, train_layers: int, train_head: bool, task: str = "causal_lm") -> list[str]:
+    """The names (as ``model.named_parameters()`` gives them) of the parameters layer freezing
+    trains: every parameter of the top ``train_layers`` blocks, the final norm, the LM head with
+    ``train_head`` (for a tied head that is the input embedding), a classification head always."""
+    inner, layers = _decoder_layers(model)
+    if train_layers > len(layers):
+        raise AlignError(f"adapter.train_layers={train_layers}, but the model has {len(layers)} blocks")
+    modules = list(layers[len(layers) - train_layers :])
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        if isinstance(getattr(inner, name, None), torch.nn.Module):
+            modules.append(getattr(inner, name))
+            break
+    if task == "seq_cls":
+        for name in ("score", "classifier"):
+            if isinstance(getattr(model, name, None), torch.nn.Module):
+                modules.append(getattr(model, name))
+                break
+    elif train_head and model.get_output_embeddings() is not None:
+        modules.append(model.get_output_embeddings())
+    wanted = {id(p) for m in modules for p in m.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in wanted]
+
+
+def apply_freeze(model, cfg: Any, task: str = "causal_lm", also: list[str] | None = None) -> list[str]:
+    """Freeze everything but :func:`freeze_plan`'s parameters; returns their names. The names
+    (plus ``also``: what an earlier freeze run changed) are what the run saves."""
+    names = freeze_plan(model, cfg.adapter.train_layers, cfg.adapter.train_head, task)
+    model.requires_grad_(False)
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    model.align_freeze = {
+        "train_layers": int(cfg.adapter.train_layers),
+        "train_head": bool(cfg.adapter.train_head),
+        "saved": sorted(set(names) | set(also or [])),
+    }
+    return names
+
+
+def load_freeze_weights(model, adapter_dir: str | Path) -> list[str]:
+    """Put a freeze run's saved tensors into ``model`` (the same base); returns their names."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    weights = load_file(str(adapter_dir / FREEZE_WEIGHTS), device="cpu")
+    params = dict(model.named_parameters())
+    missing = [k for k in weights if k not in params]
+    if missing:
+        raise AlignError(
+            f"the freeze weights in {adapter_dir} do not fit this base model ({len(missing)} unknown tensors, "
+            f"e.g. {missing[0]}); was it trained on the same model=?"
+        )
+    with torch.no_grad():
+        for k, v in weights.items():
+            p = params[k]
+            if tuple(p.shape) != tuple(v.shape):
+                raise AlignError(
+                    f"{adapter_dir}: {k} has shape {tuple(v.shape)}, the base's {tuple(p.shape)}"
+                )
+            p.copy_(v.to(p.dtype))
+    return sorted(weights)
+
+
+def is_freeze_dir(adapter_dir: str | Path) -> bool:
+    return (Path(adapter_dir) / FREEZE_WEIGHTS).is_file()
 
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool, name: str = "default"):
     """Put a saved adapter (an earlier stage's output) on ``model`` under ``name``."""
     from peft import PeftModel
 
+    if is_freeze_dir(adapter_dir):  # layer freezing: the run's own tensors, written into the base
+        if isinstance(model, PeftModel) or name != "default":
+            raise AlignError(
+                f"{adapter_dir} holds layer-freezing weights (adapter=freeze), which replace base weights: "
+                "they cannot sit beside other adapters"
+            )
+        load_freeze_weights(model, adapter_dir)
+        return model
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
         return model
@@ -590,14 +755,21 @@ def build(
     """
     rt = detect_runtime(cfg)
     path = resolve_model_path(cfg.model, cfg.adapter)
+    check_freeze_depth(path, cfg)
     tokenizer = load_tokenizer(path, cfg.model)
+    if init_adapter is not None and _kind(cfg.adapter) == "none":
+        raise AlignError("adapter=none cannot continue from an adapter; use adapter=lora (or qlora/dora)")
     model = load_base_model(path, cfg, rt, task, num_labels=num_labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    pcfg = peft_config(cfg, task)
+    pcfg = peft_config(cfg, task, model_path=path)
+    if _kind(cfg.adapter) == "freeze":
+        earlier = load_freeze_weights(model, init_adapter) if init_adapter is not None else []
+        apply_freeze(model, cfg, task, also=earlier)
+        if rt.gradient_checkpointing:  # the frozen blocks below pass no grad: checkpointed ones need it
+            model.enable_input_require_grads()
+        return Backbone(model=model, tokenizer=tokenizer, peft_config=None, path=path, runtime=rt)
     if init_adapter is not None:
-        if pcfg is None:
-            raise AlignError("adapter=none cannot continue from an adapter; use adapter=lora (or qlora/dora)")
         model = load_adapter(model, init_adapter, trainable=True)
         pcfg = None
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
@@ -617,12 +789,23 @@ def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num
     adapter_dir = Path(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     rt = detect_runtime(cfg)
+    plain = OmegaConf.merge(cfg, {"adapter": {"bits": 0}})  # dequantize: reload the base unquantized
+    if is_freeze_dir(adapter_dir):  # layer freezing: the base with the run's tensors written in
+        model = load_base_model(resolve_model_path(cfg.model), plain, rt, task, num_labels=num_labels)
+        load_freeze_weights(model, adapter_dir)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     if not (adapter_dir / "adapter_config.json").is_file():  # adapter=none: a full model
         cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
         return cls.from_pretrained(adapter_dir, dtype=rt.dtype, use_safetensors=True), tokenizer
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    plain = OmegaConf.merge(cfg, {"adapter": {"bits": 0}})  # dequantize: reload the base unquantized
+    if PeftConfig.from_pretrained(str(adapter_dir)).is_prompt_learning:
+        raise AlignError(
+            f"{adapter_dir}: prefix/prompt tuning adds virtual tokens at run time and cannot be merged "
+            "into the weights; stage=export saves the adapter with a loader note instead"
+        )
     base = load_base_model(resolve_model_path(cfg.model), plain, rt, task, num_labels=num_labels)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     if model.config.pad_token_id is None:
@@ -636,7 +819,8 @@ def apply_adapter(model, cfg: Any, pcfg: Any, rt: Runtime):
     ``pcfg=None`` (adapter=none) the whole model is trainable. A SEQ_CLS adapter keeps the
     classification head (``score``) trainable in every case."""
     if pcfg is None:
-        model.requires_grad_(True)
+        if getattr(model, "align_freeze", None) is None:  # adapter=none; freeze keeps its plan
+            model.requires_grad_(True)
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -655,7 +839,8 @@ def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num
     adapter_dir = Path(adapter_dir)
     rt = detect_runtime(cfg)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():  # adapter=none: a full model
+    if not (adapter_dir / "adapter_config.json").is_file() and not is_freeze_dir(adapter_dir):
+        # adapter=none: a full model
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
@@ -672,9 +857,21 @@ def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
-    """Save the trained adapter (or the full model for adapter=none) and the tokenizer, atomically."""
+    """Save the trained adapter (or the full model for adapter=none; the trained tensors only
+    for adapter=freeze) and the tokenizer, atomically."""
     with atomic_dir(out_dir) as tmp:
-        if hasattr(model, "peft_config"):  # only the trained adapter, not a trainer's frozen "ref" copy
+        freeze = getattr(model, "align_freeze", None)
+        if freeze is not None:
+            from safetensors.torch import save_file
+
+            params = dict(model.named_parameters())
+            save_file(
+                {n: params[n].detach().to("cpu").clone().contiguous() for n in freeze["saved"]},
+                str(tmp / FREEZE_WEIGHTS),
+            )
+            info = {**freeze, "parameters": int(sum(params[n].numel() for n in freeze["saved"]))}
+            (tmp / FREEZE_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        elif hasattr(model, "peft_config"):  # only the trained adapter, not a trainer's frozen "ref" copy
             model.save_pretrained(tmp, selected_adapters=["default"], safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -694,6 +891,10 @@ def add_adapter(model, cfg: Any, name: str, *, from_dir: str | Path | None = Non
     extra: dict[str, torch.Tensor] = {}
     lora_weights = None
     if from_dir is None:
+        if _kind(cfg.adapter) not in ("lora", "qlora", "dora"):
+            raise AlignError(
+                f"named adapters (PPO's shared base) need adapter=lora, qlora or dora, not adapter={_kind(cfg.adapter)}"
+            )
         lcfg = peft_config(cfg)
         if lcfg is None:
             raise AlignError("named adapters need adapter=lora, qlora or dora (not adapter=none)")

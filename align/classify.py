@@ -264,7 +264,9 @@ def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     finally:
         hook.remove()
     per_token = captured[-1]
-    return per_token[batch["row_index"], batch["last_index"]].float()
+    # prompt tuning runs the head over its virtual tokens too, prepended: shift past them
+    offset = per_token.size(1) - batch["input_ids"].size(1)
+    return per_token[batch["row_index"], batch["last_index"] + offset].float()
 
 
 def classification_loss(

@@ -46,6 +46,22 @@ class AdapterKind(str, Enum):
     qlora = "qlora"
     dora = "dora"
     none = "none"
+    freeze = "freeze"  # layer freezing: only the top adapter.train_layers blocks (+ final norm) train
+    prefix = "prefix"  # peft prefix tuning (trainable key/value prefixes in every layer)
+    prompt = "prompt"  # peft prompt tuning (trainable soft-prompt embeddings)
+    ia3 = "ia3"  # peft IA3 (learned scaling vectors on keys, values and the MLP)
+
+
+# the kinds that are LoRA adapters (PPO's shared-backbone roles, sampling's merge path)
+LORA_KINDS = ("lora", "qlora", "dora")
+# peft prompt-learning kinds: no base layer changes, virtual tokens through PeftModel.forward
+PROMPT_LEARNING_KINDS = ("prefix", "prompt")
+# the kinds of issue 13 and the stages they are supported (and tested) with
+NEW_KINDS = ("freeze", "prefix", "prompt", "ia3")
+NEW_KIND_TRAINING = ("sft", *PREFERENCE_STAGES, "rm", "classify")
+NEW_KIND_STAGES = (*NEW_KIND_TRAINING, "eval", "export")
+# stages that train on supervised (prompt + response) rows, where data.replay mixes general rows in
+REPLAY_STAGES = ("sft",)
 
 
 class DType(str, Enum):
@@ -135,6 +151,14 @@ class AdapterConfig:
     bits: int = 0  # 0: full precision base; 4 or 8: bitsandbytes quantized base
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
+    # adapter=freeze: train only the top N decoder blocks and the final norm (+ the LM head with
+    # train_head=true; a classification head always trains). Everything below stays bit-identical.
+    train_layers: int = 2
+    train_head: bool = False
+    # adapter=prefix / adapter=prompt: how many virtual tokens (prefix length / soft-prompt length)
+    num_virtual_tokens: int = 20
+    # adapter=prompt: initialise the soft prompt from this text's token embeddings (null: random)
+    prompt_init: str | None = None
 
 
 @dataclass
@@ -203,6 +227,10 @@ class DataConfig:
     eval_fraction: float = 0.05
     max_train_rows: int | None = None
     max_eval_rows: int | None = 16
+    # SFT: mix rows of this file (general data, e.g. reward_data/general_sft.jsonl) into training so
+    # that they make data.replay_fraction of the training rows (seeded; reported in the summary)
+    replay: str | None = None
+    replay_fraction: float = 0.2
     split: str = "train"  # split to read from a hub dataset (or a local dataset directory)
     subset: str | None = None  # the hub dataset's subset (config name), as load_dataset(name, subset)
     on_error: OnError = OnError.error  # what to do with a malformed or over-long row
@@ -353,6 +381,14 @@ class EvalStageConfig:
     top_p: float = 1.0
     samples_to_log: int = 16  # rows of the W&B table / report.md sample section
     dpo_beta: float | None = None  # implicit DPO reward scale; None: the evaluated run's dpo.beta
+    # forgetting check on general data unrelated to training (docs/methods.md): perplexity of
+    # held-out general text, KL(base || tuned) on the base's greedy answers, exact-match on short
+    # answers the base gets right. general: a directory with general_text/prompts/qa.jsonl
+    # (None: the shipped reward_data/); max_general: rows of each (0 skips the check)
+    forgetting: bool = True
+    general: str | None = None
+    max_general: int = 32
+    general_new_tokens: int = 48
 
 
 @dataclass
@@ -477,8 +513,9 @@ def validate(cfg: Any) -> None:
         raise AlignError("adapter=none trains the full model, which cannot be quantized; set adapter.bits=0")
     if a.quant_type not in ("nf4", "fp4"):
         raise AlignError(f"adapter.quant_type={a.quant_type!r}: use nf4 or fp4")
-    if a.kind != AdapterKind.none and a.r <= 0:
+    if a.kind in LORA_KINDS and a.r <= 0:
         raise AlignError(f"adapter.r={a.r} must be a positive rank")
+    validate_adapter(cfg)
     t = cfg.train
     if t.lr <= 0:
         raise AlignError(f"train.lr={t.lr} must be positive")
@@ -490,6 +527,17 @@ def validate(cfg: Any) -> None:
         raise AlignError(f"model.max_length={cfg.model.max_length} is too short (at least 16 tokens)")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise AlignError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1)")
+    if cfg.data.get("replay"):
+        if not 0.0 < cfg.data.replay_fraction < 1.0:
+            raise AlignError(
+                f"data.replay_fraction={cfg.data.replay_fraction} must be in (0, 1): the share of the "
+                "training rows that come from data.replay (e.g. 0.2)"
+            )
+        if cfg.stage not in REPLAY_STAGES:
+            raise AlignError(
+                f"data.replay is for SFT-like stages ({', '.join(REPLAY_STAGES)}), not stage={cfg.stage}: "
+                "general rows are supervised (prompt + response); drop data.replay"
+            )
     if cfg.stage == "dpo":
         losses = dpo_loss_types(cfg)
         bad = [x for x in losses if x not in DPO_LOSS_TYPES]
@@ -529,6 +577,81 @@ def validate(cfg: Any) -> None:
                 raise AlignError(
                     f"rlhf.{name}: lr, batch_size, grad_accum must be positive and max_steps != 0"
                 )
+
+
+def _kind(a: Any) -> str:
+    return str(getattr(a.kind, "value", a.kind))
+
+
+def validate_adapter(cfg: Any) -> None:
+    """The adapter kinds of issue 13 (freeze, prefix, prompt, ia3): their keys and the
+    combinations that cannot work, each named with what to use instead."""
+    a, kind = cfg.adapter, _kind(cfg.adapter)
+    if kind not in NEW_KINDS:
+        return
+    stage = cfg.stage
+    if kind == "freeze" and a.bits:
+        raise AlignError(
+            f"adapter=freeze with adapter.bits={a.bits}: layer freezing trains the top blocks' own weights, "
+            "which cannot be stored in 4/8 bits; use adapter.bits=0, or adapter=qlora (LoRA on a 4-bit base)"
+        )
+    if kind != "freeze" and a.bits:
+        raise AlignError(
+            f"adapter={kind} with adapter.bits={a.bits}: align quantizes the base only under LoRA; "
+            f"use adapter=qlora for a 4-bit base, or adapter={kind} with adapter.bits=0"
+        )
+    if stage in ("ppo", "rlhf"):
+        raise AlignError(
+            f"adapter={kind} with stage={stage}: PPO keeps policy, reference, value and reward as LoRA "
+            "adapters on one shared base, which a "
+            + ("prefix/soft prompt" if kind in PROMPT_LEARNING_KINDS else f"{kind} model")
+            + " cannot join; use adapter=lora (or qlora/dora) for PPO"
+            + (
+                "; or export a freeze run (stage=export) and use its model as model.name_or_path"
+                if kind == "freeze"
+                else ""
+            )
+        )
+    if stage not in NEW_KIND_STAGES:
+        raise AlignError(
+            f"adapter={kind} with stage={stage} is not supported (adapter={kind} works with stage="
+            f"{', '.join(NEW_KIND_TRAINING)}); use adapter=lora, qlora, dora or none for stage={stage}"
+        )
+    if kind == "prefix" and stage in ("rm", "classify"):
+        raise AlignError(
+            f"adapter=prefix with stage={stage}: peft's prefix tuning for sequence classification needs a model "
+            "forward that takes past_key_values, which transformers 5's *ForSequenceClassification models do "
+            "not; use adapter=prompt (soft prompt) or adapter=ia3 for a small classifier"
+        )
+    if kind == "prompt" and stage == "rm":
+        raise AlignError(
+            "adapter=prompt with stage=rm: peft passes the soft prompt to the model as embeddings, so the "
+            "reward head cannot find each row's last real token in a padded batch (it reads the last "
+            "position, padding for shorter rows); use adapter=ia3 or adapter=lora for a reward model"
+        )
+    if kind == "freeze" and a.train_layers < 1:
+        raise AlignError(
+            f"adapter.train_layers={a.train_layers}: train at least the top block (1); "
+            "adapter=none trains them all"
+        )
+    if kind in PROMPT_LEARNING_KINDS:
+        if a.num_virtual_tokens < 1:
+            raise AlignError(f"adapter.num_virtual_tokens={a.num_virtual_tokens} must be at least 1")
+        if a.num_virtual_tokens >= cfg.model.max_length:
+            raise AlignError(
+                f"adapter.num_virtual_tokens={a.num_virtual_tokens} must be below "
+                f"model.max_length={cfg.model.max_length}"
+            )
+        if stage == "sft" and cfg.train.packing:
+            raise AlignError(
+                f"adapter={kind} with train.packing=true: packed rows are separated by position ids, which "
+                f"peft's {kind} tuning ignores; set train.packing=false (or use adapter=lora to pack)"
+            )
+        if stage == "classify" and cfg.classify.packing:
+            raise AlignError(
+                f"adapter={kind} with classify.packing=true: packed rows need block-diagonal attention, which "
+                f"peft's {kind} tuning does not pass through; set classify.packing=false (or use adapter=lora)"
+            )
 
 
 def validate_preference(cfg: Any) -> None:
@@ -621,6 +744,10 @@ def validate_eval(cfg: Any) -> None:
         raise AlignError(f"eval.temperature={e.temperature} must be >= 0 (0: greedy)")
     if not 0 < e.top_p <= 1:
         raise AlignError(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if e.max_general < 0 or e.general_new_tokens <= 0:
+        raise AlignError(
+            "eval.max_general must be >= 0 (0: no forgetting check) and eval.general_new_tokens > 0"
+        )
     if e.samples_to_log < 0:
         raise AlignError(f"eval.samples_to_log={e.samples_to_log} must be >= 0")
 

@@ -920,6 +920,77 @@ def _unpaired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return unpair(rows) if rows and "chosen" in rows[0] else rows
 
 
+def _row_form(row: dict[str, Any]) -> str:
+    if "text" in row:
+        return "text"
+    return "conversational" if isinstance(row.get("prompt"), list) else "prompt/completion strings"
+
+
+def mix_replay(
+    split: Split,
+    data_cfg: Any,
+    *,
+    seed: int,
+    fixed_budget: bool,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> Split:
+    """``data.replay``: general SFT rows mixed into ``split.train`` so that they make
+    ``data.replay_fraction`` of it, deterministically (seeded). With ``fixed_budget`` (train.max_steps
+    set: the rows a run consumes) replay rows replace task rows, so the step count stays; otherwise
+    (whole epochs) they are added, so no task row is lost. Replay rows are sampled without repetition
+    while the file lasts, then cycled. The split's info records the file and the counts."""
+    src, f = str(data_cfg.replay), float(data_cfg.replay_fraction)
+    skip = str(getattr(data_cfg.on_error, "value", data_cfg.on_error)) == "skip"
+    dropped: list[str] = []
+    replay = _validated(read_rows(src), "sft", skip=skip, dropped=dropped, report={})
+    if tokenizer is not None and max_length:
+        replay = _fitting(replay, tokenizer, max_length, skip=True, dropped=dropped, limit=None)
+    else:
+        replay = [r for _, r in replay]
+    if not replay:
+        raise AlignError(f"data.replay={src}: no usable SFT rows ({len(dropped)} dropped)")
+    task = [dict(r) for r in split.train]
+    want, have = _row_form(task[0]), _row_form(replay[0])
+    if want != have:
+        raise AlignError(
+            f"data.replay={src}: its rows are {have}, the training rows are {want}; give a replay file in the "
+            "same form (e.g. both as 'messages')"
+        )
+    rng = random.Random(seed + 7919)
+    if fixed_budget:
+        n_replay = round(len(task) * f)
+        task = task[: len(task) - n_replay]
+    else:
+        n_replay = round(len(task) * f / (1.0 - f))
+    order = list(range(len(replay)))
+    picked: list[dict[str, Any]] = []
+    while len(picked) < n_replay:
+        rng.shuffle(order)
+        picked += [replay[i] for i in order[: n_replay - len(picked)]]
+    keys = set(task[0])
+    picked = [{k: r.get(k) for k in keys} for r in picked]
+    mixed = task + picked
+    rng.shuffle(mixed)
+    info = dict(split.info)
+    info |= {
+        "replay": src,
+        "replay_rows": n_replay,
+        "replay_fraction": n_replay / len(mixed) if mixed else 0.0,
+        "task_rows": len(task),
+        "train_rows": len(mixed),
+    }
+    return Split(train=cached_dataset(mixed), eval=split.eval, info=info)
+
+
+def replay_line(info: dict[str, Any]) -> str:
+    """One line for the run summary: how many general rows data.replay mixed in."""
+    return (
+        f"{info['replay_rows']} of {info['train_rows']} training rows ({info['replay_fraction']:.1%}) from "
+        f"{info['replay']}, {info['task_rows']} task rows"
+    )
+
+
 def _format_info(train: dict[str, Any], held_out: dict[str, Any]) -> dict[str, Any]:
     """What artifact.json records of the detected formats and the rows read, converted and skipped.
 

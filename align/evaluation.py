@@ -10,7 +10,9 @@ disabled), on the held-out test prompts and pairs (``reward_data/prompts_test.js
   beats the rejected one's; for a DPO run also its implicit reward against its reference;
 * KL to the base on the model's own completions, and completion length (tokens, words);
 * with ``eval.reward=<rm run>``: the mean reward-model score and the win-rate by it
-  (without it the win-rate is judged by the strict judges).
+  (without it the win-rate is judged by the strict judges);
+* the forgetting check on general data unrelated to training (``eval.forgetting``,
+  docs/methods.md): general-text perplexity, KL(base || model) and known short answers kept.
 
 Exact definitions: docs/eval.md. Everything here is plain functions over lists so the
 metric code is testable without a model; :func:`run` wires them to models and files.
@@ -23,6 +25,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -49,6 +52,9 @@ HEADLINE = [
     "kl/token",
     "length/tokens",
     "length/words",
+    "forgetting/ppl_ratio",
+    "forgetting/kl_base_tuned",
+    "forgetting/qa_retained",
 ]
 
 
@@ -331,8 +337,12 @@ def load(cfg: Any, spec: str) -> Loaded:
         base_path = backbone.resolve_model_path(run_cfg.model)
         tok = backbone.load_tokenizer(base_path, run_cfg.model)
         info |= {"kind": "run", "stage": art.stage, "run_dir": str(art.run_dir), "base_model": art.base_model}
-        if art.manifest.get("adapter", {}).get("kind") == "none":  # full fine-tune: a second, full model
-            model = backbone.load_base_model(str(art.adapter_dir), run_cfg, rt)
+        if art.adapter_kind in ("none", "freeze"):  # full fine-tune / layer freezing: a second model
+            if art.adapter_kind == "none":
+                model = backbone.load_base_model(str(art.adapter_dir), run_cfg, rt)
+            else:  # the base with the run's trained blocks written in
+                model = backbone.load_base_model(base_path, run_cfg, rt)
+                backbone.load_freeze_weights(model, art.adapter_dir)
             base = backbone.load_base_model(base_path, run_cfg, rt)
             ref = Subject("baseline", base)
             return Loaded(
@@ -416,6 +426,204 @@ def held_out_rows(cfg: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
         raise AlignError(f"{prompts_src}: prompt rows need a 'constraints' column for the judges")
     info = {"prompts": prompts_src if prompts else None, "pairs": pairs_src if pairs else None}
     return prompts, pairs, info | {"prompt_rows": len(prompts), "pair_rows": len(pairs)}
+
+
+# --------------------------------------------------------------------------- forgetting
+
+# The verdict's thresholds (docs/methods.md): the base against itself gives exactly ratio 1, KL 0
+# and 100% retained, so they only need to clear what a benign tune moves. A LoRA SFT on the
+# shipped data moves held-out general perplexity by a few percent; 10% more is beyond that.
+# Losing more than 1 in 10 short answers the base knew (and at least 2, so one flipped answer of
+# a small set is not a verdict) is a loss a user would notice.
+FORGET_PPL_RATIO = 1.10
+FORGET_RETAINED = 0.90
+FORGET_MIN_LOST = 2
+FORGETTING_TITLE = "## Forgetting (general data unrelated to training)"
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and articles dropped, whitespace collapsed (SQuAD-style)."""
+    import re
+
+    text = re.sub(r"[^\w\s.-]", " ", text.lower()).replace("-", " ")
+    words = [w.strip(".") for w in text.split()]
+    return " ".join(w for w in words if w and w not in ("a", "an", "the"))
+
+
+def answer_matches(answer: str, completion: str) -> bool:
+    """Exact match of the normalized answer with the normalized completion, or with a whole-word
+    span of it (``12`` matches ``7 + 5 = 12.``; ``1`` does not match ``12``)."""
+    a, c = normalize_answer(answer), normalize_answer(completion)
+    return bool(a) and (a == c or f" {a} " in f" {c} ")
+
+
+def perplexity(logps: list[list[float]]) -> float:
+    """exp of the mean negative log-prob, pooled over every token of every text."""
+    n = sum(len(x) for x in logps)
+    return math.exp(-sum(sum(x) for x in logps) / n) if n else math.nan
+
+
+def forgetting_verdict(m: dict[str, float]) -> str:
+    """One line: whether the tuned model forgot general ability, by the thresholds above."""
+    reasons = []
+    ratio = m.get("forgetting/ppl_ratio", math.nan)
+    if ratio > FORGET_PPL_RATIO:
+        reasons.append(f"general-text perplexity x{ratio:.2f} the base's (threshold x{FORGET_PPL_RATIO:.2f})")
+    kept, known = m.get("forgetting/qa_retained", math.nan), m.get("forgetting/qa_base_correct", 0.0)
+    lost = round((1 - kept) * known) if not math.isnan(kept) else 0
+    if not math.isnan(kept) and kept < FORGET_RETAINED and lost >= FORGET_MIN_LOST:
+        reasons.append(f"lost {lost} of {known:.0f} short answers the base got right ({kept:.0%} kept)")
+    if reasons:
+        return (
+            "FORGETTING: " + "; ".join(reasons) + " (reduce it: lower train.lr, a PEFT method, data.replay)"
+        )
+    return f"no forgetting beyond the thresholds (perplexity x{ratio:.2f} <= x{FORGET_PPL_RATIO:.2f}; " + (
+        f"{kept:.0%} of {known:.0f} known answers kept)" if not math.isnan(kept) else "no known answers)"
+    )
+
+
+def general_rows(cfg: Any) -> tuple[list[str], list[Any], list[dict], dict[str, Any]]:
+    """(texts, prompts, qa rows, info): the first eval.max_general rows of each general file."""
+    from align import data
+
+    e = cfg.eval
+    d = Path(e.general).expanduser() if e.get("general") else data.reward_data_dir()
+    n = int(e.max_general)
+    paths = {k: d / f"general_{k}.jsonl" for k in ("text", "prompts", "qa")}
+    for k, p in paths.items():
+        if not p.is_file():
+            raise AlignError(
+                f"eval.general={d}: no general_{k}.jsonl (the forgetting check reads general_text, general_prompts "
+                "and general_qa.jsonl; see reward_data/generate_general.py), or set eval.forgetting=false"
+            )
+    texts = [r.data["text"] for r in data.read_rows(str(paths["text"]))][:n]
+    prompts = [r["prompt"] for r in data.validate_rows(data.read_rows(str(paths["prompts"])), "prompt")][:n]
+    qa = []
+    for r in data.read_rows(str(paths["qa"]))[:n]:
+        if "prompt" not in r.data or "answer" not in r.data:
+            raise AlignError(f"{r.where}: a general_qa row needs 'prompt' and 'answer'")
+        qa.append({"prompt": r.data["prompt"], "answer": str(r.data["answer"])})
+    info = {"dir": str(d), "texts": len(texts), "prompts": len(prompts), "qa": len(qa)}
+    return texts, prompts, qa, info
+
+
+def forgetting_metrics(
+    base: Subject,
+    tuned: Subject,
+    tokenizer: Any,
+    texts: list[str],
+    prompts: list[Any],
+    qa: list[dict],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int = 0,
+    device: str = "cpu",
+    cache: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The three forgetting figures of ``tuned`` against ``base`` on general data:
+
+    * ``forgetting/ppl_base``, ``forgetting/ppl``, ``forgetting/ppl_ratio``: perplexity of the
+      held-out texts (every token after the first);
+    * ``forgetting/kl_base_tuned``: KL(base || tuned) per token on the base's own greedy answers to
+      the general prompts, sum(log p_base - log p_tuned) / tokens: how much of what the base would
+      say the tuned model now finds unlikely;
+    * ``forgetting/qa_base_correct``, ``forgetting/qa_retained``: of the short-answer questions the
+      base answers correctly (:func:`answer_matches`), the share the tuned model still does.
+
+    ``cache``: a dict that keeps the base's side (its text log-probs, greedy answers and QA
+    answers) for the next call on the same base and data (eval.model=[...]: every model of the
+    table against one base, which is then measured once).
+
+    Returns (metrics, the QA rows the tuned model lost, for the report)."""
+    qa_tokens = 24
+
+    def gen(m, rows, n, desc):
+        return generate(m, tokenizer, rows, max_new_tokens=n, batch_size=batch_size, device=device, desc=desc)
+
+    b = cache if cache is not None else {}
+    if not b:  # the base's side
+        b["text"] = [
+            (ids[:1], ids[1:])
+            for ids in (tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts)
+            if len(ids) >= 2
+        ]
+        with base.active() as m:
+            b["lp_text"] = token_logps(
+                m, b["text"], batch_size=batch_size, device=device, desc="general text base"
+            )
+            answers = [g for g in gen(m, prompts, max_new_tokens, "general base") if g.ids] if prompts else []
+            qa_ans = gen(m, [r["prompt"] for r in qa], qa_tokens, "general QA base") if qa else []
+        b["answers"] = [(g.prompt_ids, g.ids) for g in answers]
+        b["lp_answers"] = [g.logprobs for g in answers]
+        b["known"] = [
+            (r, g.text) for r, g in zip(qa, qa_ans, strict=True) if answer_matches(r["answer"], g.text)
+        ]
+    out: dict[str, float] = {}
+    known = b["known"]
+    with tuned.active() as m:
+        if texts:
+            lp = token_logps(m, b["text"], batch_size=batch_size, device=device, desc="general text tuned")
+            out["forgetting/ppl_base"] = perplexity(b["lp_text"])
+            out["forgetting/ppl"] = perplexity(lp)
+            out["forgetting/ppl_ratio"] = out["forgetting/ppl"] / out["forgetting/ppl_base"]
+        if prompts:
+            lp = token_logps(m, b["answers"], batch_size=batch_size, device=device, desc="general KL tuned")
+            out["forgetting/kl_base_tuned"] = kl_metrics(b["lp_answers"], lp)["kl/token"]
+        tuned_ans = gen(m, [r["prompt"] for r, _ in known], qa_tokens, "general QA tuned") if known else []
+    lost: list[dict[str, Any]] = []
+    if qa:
+        out["forgetting/qa_base_accuracy"] = len(known) / len(qa)
+        out["forgetting/qa_base_correct"] = float(len(known))
+        kept = [answer_matches(r["answer"], g.text) for (r, _), g in zip(known, tuned_ans, strict=True)]
+        out["forgetting/qa_retained"] = sum(kept) / len(kept) if kept else math.nan
+        lost = [
+            {"prompt": _show(r["prompt"]), "answer": r["answer"], "base": a, "tuned": g.text}
+            for (r, a), g, k in zip(known, tuned_ans, kept, strict=True)
+            if not k
+        ]
+    out["forgetting/flag"] = 1.0 if forgetting_verdict(out).startswith("FORGETTING") else 0.0
+    return out, lost
+
+
+def check_forgetting(
+    cfg: Any, L: Loaded, cache: dict[str, Any] | None = None
+) -> tuple[dict[str, float], dict | None]:
+    """eval.forgetting on ``L.model`` against its base (:func:`forgetting_metrics`): (metrics, the
+    report's section with the verdict); nothing where the check is off, the model is the base
+    itself (eval.model=base: ratio 1, KL 0, every answer kept by definition) or no base is in
+    memory. The verdict also goes to stderr."""
+    e = cfg.eval
+    if not e.get("forgetting", True) or int(e.get("max_general", 0)) <= 0:
+        return {}, None
+    if L.kl_ref is None:
+        why = "it is the base itself" if L.info.get("kind") == "base" else "no base model in memory"
+        log.info("forgetting check skipped for %s: %s", L.info.get("spec"), why)
+        return {}, None
+    base = L.kl_ref
+    t0 = time.time()
+    texts, prompts, qa, info = general_rows(cfg)
+    m, lost = forgetting_metrics(
+        base,
+        L.model,
+        L.tokenizer,
+        texts,
+        prompts,
+        qa,
+        max_length=int(L.cfg.model.max_length),
+        max_new_tokens=int(e.general_new_tokens),
+        batch_size=int(e.batch_size),
+        device=L.device,
+        cache=cache,
+    )
+    section = {
+        "verdict": forgetting_verdict(m),
+        "data": info,
+        "lost": lost[: int(e.samples_to_log)],
+        "time_s": round(time.time() - t0, 1),
+    }
+    print(f"align: forgetting ({L.info.get('spec')}): {section['verdict']}", file=sys.stderr, flush=True)
+    return m, section
 
 
 # --------------------------------------------------------------------------- the report
@@ -571,12 +779,19 @@ def run(
             results["model"] |= _dpo_reward(L, logps["model"], ref)
         timing["time/pairs_s"] = round(time.time() - t0, 1)
 
+    fm, forgetting = check_forgetting(cfg, L)
+    results["model"] |= fm
+    if forgetting:
+        timing["time/forgetting_s"] = forgetting["time_s"]
+
     delta = {}
     if L.baseline is not None:
         delta = {
             k: results["model"][k] - results["baseline"][k]
             for k in results["model"]
-            if k in results["baseline"] and not k.endswith(("/prompts", "/instructions", "/pairs"))
+            if k in results["baseline"]
+            and not k.endswith(("/prompts", "/instructions", "/pairs"))
+            and not k.startswith("forgetting/")
         }
     timing["time/eval_s"] = round(time.time() - started, 1)
     samples = _samples(prompts, gens, int(e.samples_to_log))
@@ -589,6 +804,7 @@ def run(
         "metrics": {"model": results["model"], "baseline": results.get("baseline"), "delta": delta or None},
         "per_type": {"model": per_type.get("model", {}), "baseline": per_type.get("baseline")},
         "samples": samples,
+        "forgetting": forgetting,
         "time": timing,
     }
     report["flat"] = flat_metrics(report)
@@ -717,6 +933,7 @@ def run_many(cfg: Any, out_dir: str | Path, tracker: Any, specs: list[str]) -> d
     bs = int(e.batch_size)
     rows: list[dict[str, Any]] = []
     taken: set[str] = set()
+    base_sides: dict[str, dict] = {}  # the forgetting check's base side, per base model: measured once
     max_len = int(cfg.model.max_length)
     for spec in specs:
         t0 = time.time()
@@ -750,6 +967,10 @@ def run_many(cfg: Any, out_dir: str | Path, tracker: Any, specs: list[str]) -> d
                     _pair_logps(L.dpo_ref, rejected, bs, L.device),
                 )
                 m |= _dpo_reward(L, lp, ref)
+        fm, row["forgetting"] = check_forgetting(
+            cfg, L, cache=base_sides.setdefault(L.info["base_model"], {})
+        )
+        m |= fm
         max_len = int(L.cfg.model.max_length)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
@@ -829,6 +1050,7 @@ def _many_report(cfg, rows, base, prompts, pairs, data_info, max_len, started) -
                 "metrics": r["metrics"],
                 "vs_base": r["vs_base"],
                 "per_type": r["per_type"],
+                "forgetting": r["forgetting"],
                 "time_s": r["seconds"],
             }
             for r in rows
@@ -954,6 +1176,18 @@ def many_markdown(report: dict[str, Any]) -> str:
             n = max(r["per_type"].get(kind, {}).get("instructions", 0) for r in models)
             accs = [_fmt(r["per_type"].get(kind, {}).get("instruction_accuracy"), True) for r in models]
             lines.append(f"| {kind} | {n} | " + " | ".join(accs) + " |")
+    checked = [r for r in models if r.get("forgetting")]
+    if checked:
+        lines += ["", FORGETTING_TITLE, "", "| model | general-text perplexity (base -> model) | "]
+        lines[-1] += "KL(base \\|\\| model) per token | known short answers kept | verdict |"
+        lines.append("|---|---:|---:|---:|---|")
+        for r in checked:
+            m = r["metrics"]
+            lines.append(
+                f"| {r['label']} | {_fmt(m.get('forgetting/ppl_base'))} -> {_fmt(m.get('forgetting/ppl'))} | "
+                f"{_fmt(m.get('forgetting/kl_base_tuned'))} | {_fmt(m.get('forgetting/qa_retained'), True)} of "
+                f"{_fmt(m.get('forgetting/qa_base_correct'))} | {r['forgetting']['verdict']} |"
+            )
     if report["samples"]:
         lines += ["", "## Samples", ""]
         for s in report["samples"]:
@@ -1053,6 +1287,24 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["| metric | model |", "|---|---:|"]
         for k in keys:
             lines.append(f"| {k} | {_fmt(model[k], any(p in k for p in PCT))} |")
+    fg = report.get("forgetting")
+    if fg:
+        lines += ["", FORGETTING_TITLE, "", f"**{fg['verdict']}**", ""]
+        lines += ["| figure | base | model |", "|---|---:|---:|"]
+        lines.append(
+            f"| perplexity, held-out general text ({fg['data']['texts']} texts) | "
+            f"{_fmt(model.get('forgetting/ppl_base'))} | {_fmt(model.get('forgetting/ppl'))} |"
+        )
+        lines.append(
+            f"| KL(base \\|\\| model) per token, base's greedy answers ({fg['data']['prompts']} prompts) | 0 | "
+            f"{_fmt(model.get('forgetting/kl_base_tuned'))} |"
+        )
+        lines.append(
+            f"| short answers the base gets right ({_fmt(model.get('forgetting/qa_base_correct'))} of "
+            f"{fg['data']['qa']}): still right | 100.0% | {_fmt(model.get('forgetting/qa_retained'), True)} |"
+        )
+        for x in fg.get("lost") or []:
+            lines.append(f"- lost: {x['prompt']!r} -> expected {x['answer']!r}, model said {x['tuned']!r}")
     pt_model = report["per_type"]["model"] or {}
     pt_base = report["per_type"]["baseline"] or {}
     if pt_model:

@@ -229,9 +229,15 @@ def sample(
     """
     from tqdm.auto import tqdm
 
+    from align.backbone import is_prompt_learning
+
     n = len(prompt_ids)
     if n == 0:
         return []
+    if is_prompt_learning(model):
+        return _sample_prompt_learning(
+            model, prompt_ids, params, stop, pad_id, device, autocast, desc, progress
+        )
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
     longest = len(prompt_ids[order[-1]]) + params.max_new_tokens
     bs = batch_size or auto_batch_size(model, longest, device=device)
@@ -250,6 +256,82 @@ def sample(
         bar.close()
         model.train(was_training)
     return done
+
+
+def _sample_prompt_learning(
+    model, prompt_ids, p: SamplingParams, stop, pad_id, device, autocast, desc, progress
+):
+    """Prefix / prompt tuning: the virtual tokens exist only inside PeftModel.forward, so each
+    prompt is prefilled through it on its own (no padding, whose positions peft's prompt learning
+    would ignore) and decoded token by token on the base with the resulting KV cache (which holds
+    the virtual tokens). Positions and logits are exactly those of one forward pass over prompt +
+    completion, which training and :func:`completion_logprobs` use; peft's own ``generate`` numbers
+    prefix positions differently. Slower than the batched decoder; same contract."""
+    from tqdm.auto import tqdm
+
+    greedy = p.temperature <= 0
+    warpers = None if greedy else _warpers(p)
+    base = model.get_base_model()
+    cache_kw = cache_kwarg(base)
+    was_training = model.training
+    model.eval()
+    out: list[Completion] = []
+    stop_set = set(stop)
+    try:
+        with torch.no_grad(), _autocast(device, autocast):
+            for ids in tqdm(prompt_ids, desc=desc, unit="prompt", leave=False, disable=not progress):
+                x = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                res = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+                cache, logits = _returned_cache(res), res.logits[:, -1, :].float()
+                c = Completion(prompt_ids=list(ids), logprobs=[] if greedy else None)
+                while True:
+                    if greedy:
+                        token = int(logits.argmax(-1))
+                        c.logprobs.append(float(torch.log_softmax(logits, -1)[0, token]))
+                    else:
+                        probs = torch.softmax(warpers(None, logits), dim=-1)
+                        token = int(torch.multinomial(probs, num_samples=1))
+                    c.ids.append(token)
+                    if token in stop_set or len(c.ids) >= p.max_new_tokens:
+                        break
+                    step = base(
+                        input_ids=torch.tensor([[token]], device=device),
+                        **{cache_kw: cache},
+                        use_cache=True,
+                    )
+                    cache, logits = _returned_cache(step), step.logits[:, -1, :].float()
+                hit = c.ids[-1] in stop_set
+                c.n_tokens = len(c.ids) - (1 if hit else 0)
+                c.truncated = not hit
+                out.append(c)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress) -> list[list[float]]:
+    """Per-token log-probs through PeftModel.forward (which adds the virtual tokens), one
+    unpadded sequence at a time; the logits of prompt tuning's virtual positions are skipped."""
+    from tqdm.auto import tqdm
+
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(device, autocast):
+            for p, c in tqdm(seqs, desc=desc, unit="seq", leave=False, disable=not progress):
+                if not c:
+                    out.append([])
+                    continue
+                ids = torch.tensor([list(p) + list(c)], dtype=torch.long, device=device)
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0]
+                offset = logits.size(0) - ids.size(1)  # prompt tuning prepends its virtual tokens
+                start = offset + len(p) - 1
+                lp = torch.log_softmax(logits[start : start + len(c)].float(), -1)
+                out.append(lp.gather(-1, ids[0, len(p) :, None]).squeeze(-1).tolist())
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _autocast(device, dtype: torch.dtype | None):
@@ -278,6 +360,13 @@ def cache_kwarg(model) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned: ``output.cache`` since transformers renamed it (reading
+    ``past_key_values`` there warns), ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 # tokens a KV-cache buffer grows by when it is full (one copy per this many decode steps)
@@ -594,10 +683,14 @@ def completion_logprobs(
     positions go through the LM head (chunked, :func:`token_logprobs`)."""
     from tqdm.auto import tqdm
 
+    from align.backbone import is_prompt_learning
+
     n = len(seqs)
     out: list[list[float] | None] = [None] * n
     if n == 0:
         return []
+    if is_prompt_learning(model):
+        return _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress)
     order = sorted(range(n), key=lambda i: (len(seqs[i][0]) + len(seqs[i][1]), len(seqs[i][1])))
     longest = max(len(p) + len(c) for p, c in seqs)
     bs = batch_size or auto_batch_size(model, longest, device=device)

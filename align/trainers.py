@@ -93,7 +93,11 @@ class AlignDPOTrainer(LengthGroupedPairsMixin, DPOTrainer):
         return cache_root() / "ref_logps" / f"{key}.pt"
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        if name == "eval" and not getattr(self, "_eval_ref_due", False):
+        # the held-out reference pass can wait only while the reference is not the policy itself: a PEFT
+        # policy (adapters disabled) or a separate reference model; a full / layer-freezing policy without
+        # one is its own reference at the start only, so its held-out log-probs are taken now
+        deferrable = self.ref_model is not None or hasattr(self.model, "peft_config")
+        if name == "eval" and deferrable and not getattr(self, "_eval_ref_due", False):
             # the held-out set's reference log-probs are computed when it is first evaluated
             # (as TRL without precompute does), not before training starts
             self._eval_ref_batch_size = batch_size
@@ -148,11 +152,31 @@ def _experimental(name: str):
     return importlib.import_module(f"trl.experimental.{name}")
 
 
+class SoftPromptLogitsMixin:
+    """adapter=prompt under TRL's experimental ORPO/CPO: peft puts the soft prompt's positions in
+    front of the logits, which these trainers compare with the labels position by position; the
+    model's output drops them for the trainer's forward (stage=dpo's trainer aligns them itself)."""
+
+    def concatenated_forward(self, model, *args, **kwargs):
+        def trim(module, inputs, kw, out):
+            ids = kw.get("input_ids", inputs[0] if inputs else None)
+            extra = out.logits.size(1) - ids.size(1) if ids is not None else 0
+            if extra > 0:
+                out.logits = out.logits[:, extra:]
+            return out
+
+        handle = model.register_forward_hook(trim, with_kwargs=True)
+        try:
+            return super().concatenated_forward(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+
 def orpo_classes():
     """(AlignORPOTrainer, ORPOConfig) from TRL's experimental ORPO."""
     mod = _experimental("orpo")
 
-    class AlignORPOTrainer(LengthGroupedPairsMixin, mod.ORPOTrainer):
+    class AlignORPOTrainer(SoftPromptLogitsMixin, LengthGroupedPairsMixin, mod.ORPOTrainer):
         pass
 
     return AlignORPOTrainer, mod.ORPOConfig
@@ -162,7 +186,7 @@ def cpo_classes():
     """(AlignCPOTrainer, CPOConfig) from TRL's experimental CPO (SimPO is its loss_type=simpo)."""
     mod = _experimental("cpo")
 
-    class AlignCPOTrainer(LengthGroupedPairsMixin, mod.CPOTrainer):
+    class AlignCPOTrainer(SoftPromptLogitsMixin, LengthGroupedPairsMixin, mod.CPOTrainer):
         pass
 
     return AlignCPOTrainer, mod.CPOConfig

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from align import artifacts, malloc
+from align.errors import AlignError
 from align.tracking import Tracker, config_dict, is_main_process
 
 log = logging.getLogger(__name__)
@@ -47,23 +48,74 @@ def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
     with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``."""
     from align import backbone, data
 
-    return data.load(
+    tokenizer = backbone.tokenizer_for(cfg)
+    split = data.load(
         cfg.data,
         kind,
         seed=cfg.seed,
         needed_train_rows=needed_train_rows,
-        tokenizer=backbone.tokenizer_for(cfg),
+        tokenizer=tokenizer,
         max_length=cfg.model.max_length,
     )
+    if cfg.data.get("replay") and kind == "sft":
+        split = data.mix_replay(
+            split,
+            cfg.data,
+            seed=cfg.seed,
+            fixed_budget=needed_train_rows is not None,
+            tokenizer=tokenizer,
+            max_length=cfg.model.max_length,
+        )
+        if is_main_process():
+            import sys
+
+            print(f"align: data: replay: {data.replay_line(split.info)}", file=sys.stderr, flush=True)
+    return split
 
 
 def init_run(cfg: Any, key: str, expect: tuple[str, ...]) -> artifacts.Artifact | None:
     """The finished run that ``<key>`` (e.g. ``kto.init``) names, checked: one of the stages
-    ``expect`` on this base model; None when the key is unset (start from the base)."""
+    ``expect`` on this base model, trained with this run's method (:func:`check_init_kind`);
+    None when the key is unset (start from the base)."""
     value = OmegaConf.select(cfg, key)
     if not value:
         return None
-    return artifacts.read(value, key=key, expect_stage=expect, base_model=cfg.model.name_or_path)
+    init = artifacts.read(value, key=key, expect_stage=expect, base_model=cfg.model.name_or_path)
+    check_init_kind(cfg, init, key)
+    return init
+
+
+def check_init_kind(cfg: Any, init: Any, key: str) -> None:
+    """A run continued from ``init`` (dpo.init, ...) must use the method ``init`` was trained with
+    (the LoRA family is interchangeable), so its artifact records what it really trained."""
+    from align.config import LORA_KINDS
+
+    have = init.adapter_kind
+    want = str(getattr(cfg.adapter.kind, "value", cfg.adapter.kind))
+    if have == want or (have in LORA_KINDS and want in LORA_KINDS):
+        return
+    if have == "none":
+        raise AlignError(
+            f"{key}={init.run_dir}: was a full fine-tune (adapter=none); export it (stage=export) and use "
+            "its model as model.name_or_path"
+        )
+    raise AlignError(
+        f"{key}={init.run_dir}: was trained with adapter={have}, but this run has adapter={want}; "
+        f"set adapter={have} to continue it"
+    )
+
+
+def init_reference(cfg: Any, bb: Any, init: artifacts.Artifact | None) -> Any:
+    """The frozen reference model of a preference stage with a reference (dpo, kto) that continues
+    ``init`` with a policy that is no peft model (adapter=freeze from a freeze run): that run's
+    model, where TRL would reload the base. None otherwise: TRL disables the policy's adapter, or
+    reloads the base (no init)."""
+    if init is None or bb.peft_config is not None or hasattr(bb.model, "peft_config"):
+        return None
+    from align import backbone
+
+    ref_model, _, _ = backbone.load_trained(cfg, init.adapter_dir)
+    return ref_model.requires_grad_(False)
 
 
 def trainer_args(ctx: StageContext, runtime: Any, *, has_eval: bool, **overrides: Any) -> dict[str, Any]:
@@ -178,9 +230,15 @@ def finish(
     run_dir = ctx.run_dir
     elapsed = time.time() - ctx.started
     metrics = {**metrics, "time/wall_s": round(elapsed, 1)}
+    adapter_info = None
+    if model is not None:
+        adapter_info = {"trainable_params": trainable_params(model)}
+        metrics["model/trainable_params"] = float(adapter_info["trainable_params"])
     if is_main_process():
         if model is not None:
             backbone.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR)
+            adapter_info["size_bytes"] = weights_bytes(run_dir / ADAPTER_DIR)
+            metrics["model/adapter_bytes"] = float(adapter_info["size_bytes"])
         OmegaConf.save(OmegaConf.create(config_dict(ctx.cfg)), run_dir / "config.yaml")
         artifacts.write_json_atomic(run_dir / "metrics.json", metrics)
         write_curves(ctx)
@@ -193,9 +251,20 @@ def finish(
             data=data_info | (lineage or {}),
             metrics=metrics,
             tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
+            adapter_info=adapter_info,
         )
         print(summary_text(ctx, metrics, headline, elapsed, next_hint, data_info), flush=True)
     return metrics
+
+
+def trainable_params(model: Any) -> int:
+    """Parameters that trained: requires_grad ones (TRL's frozen reference adapter copy excluded)."""
+    return int(sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".ref." not in n))
+
+
+def weights_bytes(directory: Path) -> int:
+    """Bytes of the saved weights (safetensors files) in ``directory``: the adapter's size on disk."""
+    return int(sum(f.stat().st_size for f in Path(directory).glob("*.safetensors")))
 
 
 def write_curves(ctx: StageContext) -> Path | None:
@@ -252,6 +321,10 @@ def summary_text(
         from align.data import format_line
 
         lines.append(f"  data     {format_line(data_info)}")
+    if data_info and "replay" in data_info:  # data.replay: general rows mixed in
+        from align.data import replay_line
+
+        lines.append(f"  replay   {replay_line(data_info)}")
     shown = [k for k in headline if k in metrics]
     if shown:
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))

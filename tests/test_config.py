@@ -58,7 +58,16 @@ def test_shipped_model_configs_compose(name):
 
 @pytest.mark.parametrize(
     "adapter,kind,bits",
-    [("lora", "lora", 0), ("qlora", "qlora", 4), ("dora", "dora", 0), ("none", "none", 0)],
+    [
+        ("lora", "lora", 0),
+        ("qlora", "qlora", 4),
+        ("dora", "dora", 0),
+        ("none", "none", 0),
+        ("freeze", "freeze", 0),
+        ("prefix", "prefix", 0),
+        ("prompt", "prompt", 0),
+        ("ia3", "ia3", 0),
+    ],
 )
 def test_adapter_group(adapter, kind, bits):
     cfg = compose(f"adapter={adapter}")

@@ -224,6 +224,11 @@ def test_several_models_one_table_one_row_each(tiny_model, dpo_run, tmp_path, mo
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cols, table = evaluation.models_table(report)
     assert len(table) == 3 and cols[:2] == ["model", "spec"]
+    # the forgetting check, each model against its base (none for the base itself: nothing to compare)
+    assert base["forgetting"] is None and not any(k.startswith("forgetting/") for k in base["metrics"])
+    assert dpo["metrics"]["forgetting/kl_base_tuned"] > 0 and dpo["forgetting"]["verdict"]
+    assert m["eval/dpo:run/forgetting/ppl_ratio"] == dpo["metrics"]["forgetting/ppl_ratio"]
+    assert "## Forgetting" in md and dpo["forgetting"]["verdict"] in md
 
 
 def test_eval_model_list_is_validated(tiny_model, tmp_path):

@@ -28,6 +28,9 @@ SCHEMA = {
     "prompts": {"id", "prompt", "constraints", "topic"},
 }
 ALL_FILES = [*MIN_ROWS, *TINY]
+# the forgetting check's general data, written by generate_general.py (tests/test_forgetting.py
+# checks its content)
+GENERAL_FILES = ["general_text", "general_prompts", "general_qa", "general_sft"]
 
 
 @cache
@@ -152,10 +155,12 @@ def test_tiny_files_are_sampled_from_train():
 
 
 def test_generator_is_reproducible(tmp_path):
-    script = DATA / "generate.py"
-    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    """Every shipped file is what a generator beside it writes, byte for byte."""
+    for script in ("generate.py", "generate_general.py"):
+        cmd = [sys.executable, str(DATA / script), "--out", str(tmp_path)]
+        subprocess.run(cmd, check=True, capture_output=True)
     shipped = sorted(p.name for p in DATA.glob("*.jsonl"))
     generated = sorted(p.name for p in tmp_path.glob("*.jsonl"))
-    assert generated == shipped == sorted(f"{name}.jsonl" for name in ALL_FILES)
+    assert generated == shipped == sorted(f"{name}.jsonl" for name in [*ALL_FILES, *GENERAL_FILES])
     for fname in shipped:
         assert (tmp_path / fname).read_bytes() == (DATA / fname).read_bytes(), fname

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align import artifacts, backbone, runs
-from align.config import POLICY_STAGES
+from align.config import POLICY_STAGES, PROMPT_LEARNING_KINDS
 from align.errors import AlignError
 from align.training import StageContext
 
@@ -68,7 +68,13 @@ def model_card(art: artifacts.Artifact, chain: list[artifacts.Artifact], hub_id:
         f"# {title}",
         "",
         f"`{base['name_or_path']}` with the {art.manifest['adapter'].get('kind', 'lora')} adapter of an "
-        f"align `stage={art.stage}` run merged in (exported by `python -m align stage=export`).",
+        f"align `stage={art.stage}` run "
+        + (
+            "saved beside it (not mergeable; see How to load it)"
+            if art.adapter_kind in PROMPT_LEARNING_KINDS
+            else "merged in"
+        )
+        + " (exported by `python -m align stage=export`).",
         "",
         "## Lineage",
         "",
@@ -139,6 +145,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     task = "seq_cls" if art.stage in ("rm", "classify") else "causal_lm"
     labels = (art.manifest.get("data", {}).get("classifier") or {}).get("labels") or []
     num_labels = len(labels) if art.stage == "classify" else 1
+    if art.adapter_kind in PROMPT_LEARNING_KINDS:
+        return _export_unmergeable(ctx, art, task)
     model, tokenizer = backbone.merged_model(_run_config(art), art.adapter_dir, task, num_labels=num_labels)
     if art.stage == "classify":  # the label names travel with the model (config.id2label)
         model.config.id2label = dict(enumerate(labels))
@@ -169,6 +177,72 @@ def run(ctx: StageContext) -> dict[str, float]:
         print(
             f"\nalign: stage=export finished\n  model    {out}  (from stage={art.stage} run {art.run_dir})\n"
             f"  card     {out / 'README.md'}\n  load it  {auto}.from_pretrained({str(out)!r})"
+            + (f"\n  hub      {url}" if url else ""),
+            flush=True,
+        )
+    return {}
+
+
+def loader_note(art: artifacts.Artifact, task: str, out: Path) -> str:
+    """How to load a prefix/prompt-tuning export: the base plus the saved virtual tokens."""
+    auto = "AutoModelForSequenceClassification" if task == "seq_cls" else "AutoModelForCausalLM"
+    kind = art.adapter_kind
+    return "\n".join(
+        [
+            "## How to load it",
+            "",
+            f"{kind} tuning adds {art.manifest['adapter'].get('num_virtual_tokens')} virtual tokens at run time "
+            "(inside peft's forward and generate); they cannot be merged into the weights, so this directory "
+            "holds the trained peft adapter and the tokenizer, not a standalone model. Load the base and the "
+            "adapter:",
+            "",
+            "```python",
+            f"from transformers import {auto}, AutoTokenizer",
+            "from peft import PeftModel",
+            "",
+            f"base = {auto}.from_pretrained({art.base_model!r})  # the base this run trained on",
+            f"model = PeftModel.from_pretrained(base, {str(out)!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})",
+            "```",
+            "",
+            "Generate with `model.generate(...)` (peft's, which adds the virtual tokens).",
+            "",
+        ]
+    )
+
+
+def _export_unmergeable(ctx: StageContext, art: artifacts.Artifact, task: str) -> dict[str, float]:
+    """Prefix / prompt tuning: the adapter and tokenizer, with a model card that says how to load them."""
+    import shutil
+
+    out = ctx.run_dir / MODEL_DIR
+    chain = lineage(art)
+    e = ctx.cfg.export
+    if runs.main_process():
+        with artifacts.atomic_dir(out) as tmp:
+            for f in art.adapter_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            card = model_card(art, chain, e.get("hub_id"))
+            (tmp / "README.md").write_text(card + "\n" + loader_note(art, task, out), encoding="utf-8")
+        url = _push(out, e.get("hub_id"), bool(e.get("private", True))) if e.get("push_to_hub") else None
+        artifacts.write_manifest(
+            ctx.run_dir,
+            stage="export",
+            cfg=_run_config(art),
+            adapter_path=None,
+            data={
+                "from": str(art.run_dir),
+                "model": MODEL_DIR,
+                "merged": False,
+                "lineage": [str(a.run_dir) for a in chain],
+            },
+            metrics={},
+            tracking=ctx.tracker.info | {"mode": ctx.tracker.mode},
+        )
+        print(
+            f"\nalign: stage=export finished\n  adapter  {out}  ({art.adapter_kind} tuning of stage={art.stage} run "
+            f"{art.run_dir}; not mergeable: saved as a peft adapter)\n  card     {out / 'README.md'} (how to load it)"
             + (f"\n  hub      {url}" if url else ""),
             flush=True,
         )

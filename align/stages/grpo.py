@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from align import artifacts, backbone, guard, rewards, training
-from align.config import POLICY_STAGES
+from align.config import LORA_KINDS, POLICY_STAGES
 from align.training import StageContext
 
 HEADLINE = [
@@ -47,6 +47,12 @@ def run_online(
             key=f"{key}.init",
             expect_stage=POLICY_STAGES,
             base_model=cfg.model.name_or_path,
+        )
+        init.require_kind(
+            f"{key}.init",
+            LORA_KINDS,
+            f"stage={key} continues LoRA/DoRA/QLoRA runs; train the start with adapter=lora, or export a "
+            "freeze/full run (stage=export) and use its model as model.name_or_path",
         )
     t = cfg.train
     prompts_per_step = t.batch_size * t.grad_accum * training.world_size() // g.num_generations

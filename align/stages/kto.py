@@ -43,6 +43,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     started = time.perf_counter()
     trainer = AlignKTOTrainer(
         model=bb.model,
+        ref_model=training.init_reference(cfg, bb, init),  # adapter=freeze from a freeze run
         args=args,
         train_dataset=split.train,
         eval_dataset=split.eval,

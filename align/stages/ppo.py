@@ -9,9 +9,14 @@ reference.
 from __future__ import annotations
 
 from align import artifacts, backbone, guard, training
-from align.config import PREFERENCE_STAGES
+from align.config import LORA_KINDS, PREFERENCE_STAGES
 from align.training import StageContext
 
+_PPO_INSTEAD = (
+    "PPO shares one base between LoRA adapters (policy, reference, value, reward): train that run with "
+    "adapter=lora (or qlora/dora), or, for a freeze or full run, export it (stage=export) and use its model "
+    "as model.name_or_path"
+)
 HEADLINE = ["eval/score", "eval/ref_score", "train/first_scores", "objective/scores", "objective/kl"]
 
 
@@ -31,6 +36,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             expect_stage=("sft", *PREFERENCE_STAGES, "ppo"),
             base_model=cfg.model.name_or_path,
         )
+        policy.require_kind("ppo.policy", LORA_KINDS, _PPO_INSTEAD)
     reward_fn = None
     if p.reward.startswith(("judge:", "fn:")):
         reward_fn = rollout.reward_function(p.reward)
@@ -38,6 +44,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         reward = artifacts.read(
             p.reward, key="ppo.reward", expect_stage=("rm",), base_model=cfg.model.name_or_path
         )
+        reward.require_kind("ppo.reward", LORA_KINDS, _PPO_INSTEAD)
     dist = ppo.Dist.current()
     rollout_prompts = cfg.train.batch_size * cfg.train.grad_accum * p.num_mini_batches
     needed = cfg.train.max_steps * rollout_prompts * dist.world
