@@ -23,6 +23,7 @@ This module imports only the standard library: it runs before torch is imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import sys
@@ -96,8 +97,10 @@ def loaded() -> str | None:
 _ARENAS_ALL = 4096
 
 
+@functools.cache
 def _mallctl():
-    """jemalloc's ``mallctl`` when jemalloc is this process's allocator, else None."""
+    """jemalloc's ``mallctl`` when jemalloc is this process's allocator, else None (looked up
+    once: the allocator of a process never changes, and sampling asks on every call)."""
     if not (loaded() or "").rsplit("/", 1)[-1].startswith("libjemalloc"):
         return None
     import ctypes
