@@ -30,6 +30,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from align.artifacts import write_json_atomic
+from align.console import close_data_bar
 from align.errors import AlignError
 from align.runs import Interrupted, last_checkpoint, main_process
 
@@ -227,6 +228,7 @@ def train(ctx: Any, trainer: Any, *, beta: float | None = None, reference_free: 
     if collapse is not None:
         trainer.add_callback(collapse)
     resume_from = getattr(ctx, "resume_from", None)
+    close_data_bar()  # the data passes are over: training draws its own bar
     with guard.signals():
         out = trainer.train(resume_from_checkpoint=resume_from)
     step = trainer.state.global_step

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import REPO, tiny_overrides
+from test_console import bar_names
 from omegaconf import OmegaConf
 
 
@@ -32,8 +33,11 @@ def test_sft_run_prints_a_summary_with_outputs_metrics_and_wandb_sync(tiny_model
     assert f"wandb sync {run_dir}/wandb/offline-run-" in out
     assert f"next     python -m align stage=dpo dpo.init={run_dir}" in out
     assert json.loads((run_dir / "artifact.json").read_text())["stage"] == "sft"
-    # progress was shown while training (tqdm on stderr)
+    # progress was shown while training (tqdm on stderr), and TRL's data passes (tokenise,
+    # drop truncated rows, for train and eval) drew one bar between them
     assert "3/3" in r.stderr
+    assert "preparing data" in bar_names(r.stderr), r.stderr[-3000:]
+    assert not {"Tokenizing train dataset", "Tokenizing eval dataset"} & bar_names(r.stderr)
     # and nothing from the libraries that concerns no run: bitsandbytes' `kernels` notice,
     # transformers' deprecations raised from TRL/peft code, W&B's offline URL notice
     for noise in ("kernels", "FutureWarning", "is deprecated", "URL not available", "trl.experimental"):

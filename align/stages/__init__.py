@@ -13,7 +13,7 @@ from align.config import validate
 def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     """Validate ``cfg``, open the W&B run and run the stage into ``run_dir``."""
     from align import runs, tracking
-    from align.console import quiet_libraries
+    from align.console import fold_data_bars, quiet_libraries
     from align.training import StageContext
 
     quiet_libraries()  # again: a test runner or notebook may have reset the warnings filters
@@ -25,7 +25,9 @@ def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     runs.record_start(cfg, run_dir, tracker)  # config.yaml + run.json, what resume reads
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tracker=tracker, resume_from=resume.checkpoint)
     try:
-        metrics = importlib.import_module(f"align.stages.{cfg.stage}").run(ctx)
+        # TRL's 3-8 data passes draw one bar (align/console.py); eval/export use no `datasets`
+        with fold_data_bars(enabled=cfg.stage not in ("eval", "export")):
+            metrics = importlib.import_module(f"align.stages.{cfg.stage}").run(ctx)
         if cfg.train.eval_at_end:
             metrics = _eval_at_end(ctx, metrics)
     except BaseException:
