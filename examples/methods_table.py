@@ -110,7 +110,7 @@ COLUMNS = [
     ("instr. acc. (prompt)", "eval/ifeval/prompt_accuracy", "pct"),
     ("instr. acc. (instr.)", "eval/ifeval/instruction_accuracy", "pct"),
     ("general ppl tuned/base", "eval/forgetting/ppl_ratio", "x"),
-    ("KL(base||tuned)/token", "eval/forgetting/kl_base_tuned", "f"),
+    ("KL(base ‖ tuned)/token", "eval/forgetting/kl_base_tuned", "f"),
     ("known answers kept", "eval/forgetting/qa_retained", "pct"),
 ]
 
@@ -136,6 +136,12 @@ def render(rows: list[dict], opts) -> str:
         + " | verdict |",
         "|---|---|---:|---:|---:|---:|" + "---:|" * len(COLUMNS) + "---|",
     ]
+    base = next((r["metrics"] for r in rows if r["name"] != "qlora"), {})  # qlora's base is 4-bit
+    if "eval/base/ifeval/prompt_accuracy" in base:
+        cells = ["base model (no training)", "-", "-", "-", "-", "-"]
+        cells += [_cell(base.get(key.replace("eval/", "eval/base/", 1)), kind) for _, key, kind in COLUMNS[:2]]
+        cells += ["x1 (by definition)", "0", "100%", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         m = r["metrics"]
         cells = [
