@@ -775,6 +775,51 @@ def build(
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
 
 
+def start_from_weights(bb: Backbone, adapter_dir: str | Path) -> Backbone:
+    """``bb`` with its own (fresh) peft adapter applied, whose LoRA weights start as those of the
+    saved adapter in ``adapter_dir`` (same rank and target modules; another task type is fine):
+    a reward model's LoRA from the SFT run's, its score head new, as InstructGPT starts its reward
+    model from the SFT model. The trainer then trains the adapter as it is (no config)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    want = bb.peft_config
+    if want is None or getattr(want, "peft_type", None) is None or str(want.peft_type.value) != "LORA":
+        raise AlignError(f"{adapter_dir}: starting from its weights needs a LoRA adapter (adapter=lora)")
+    mismatch = [
+        f"{key}: saved {saved.get(key)!r}, this run {getattr(want, key)!r}"
+        for key in ("r", "lora_alpha", "use_dora")
+        if saved.get(key, False) != getattr(want, key)
+    ]
+    model = get_peft_model(bb.model, want)
+    targets = model.peft_config["default"].target_modules  # "all-linear" resolved to names
+    if sorted(saved.get("target_modules") or []) != sorted(targets or []):
+        mismatch.append(
+            f"target_modules: saved {sorted(saved.get('target_modules') or [])}, this run {sorted(targets)}"
+        )
+    if mismatch:
+        raise AlignError(
+            f"{adapter_dir}: its LoRA has another shape than this run's adapter ({'; '.join(mismatch)}); "
+            "set adapter.r / adapter.alpha / adapter.target_modules as it was trained"
+        )
+    current = get_peft_model_state_dict(model)  # saved-form keys, with the new score head
+    loaded = {
+        k: v
+        for k, v in load_file(str(Path(adapter_dir) / "adapter_model.safetensors")).items()
+        if "lora_" in k
+    }
+    unfit = sorted(set(loaded) - set(current))
+    unset = sorted(k for k in current if "lora_" in k and k not in loaded)
+    if unfit or unset:
+        raise AlignError(
+            f"{adapter_dir}: its LoRA weights do not fit this model's adapter "
+            f"(unexpected: {unfit[:3]}, not set: {unset[:3]})"
+        )
+    set_peft_model_state_dict(model, current | loaded)
+    return Backbone(model=model, tokenizer=bb.tokenizer, peft_config=None, path=bb.path, runtime=bb.runtime)
+
+
 def merged_model(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num_labels: int = 1):
     """The base with the saved adapter merged in, unquantized, for export.
 

@@ -303,6 +303,9 @@ class RMStageConfig:
     """Reward model: a LoRA (task SEQ_CLS) + scalar score head on the base, trained on pairs."""
 
     center_rewards_coefficient: float | None = None  # e.g. 0.01: pulls mean reward towards 0
+    # an SFT run directory: the reward model's LoRA starts from its LoRA weights (InstructGPT's
+    # RM starts from the SFT model), the score head from scratch; stage=rlhf sets its sft run
+    init: str | None = None
 
 
 class ClassifyLoss(str, Enum):
@@ -442,6 +445,10 @@ class RLHFStageConfig:
     ppo: TrainConfig = _rlhf_train(
         lr=3e-4, max_steps=16, batch_size=8, logging_steps=1, gradient_checkpointing=True
     )
+    # true: the reward model's LoRA starts from the sft sub-run's (rm.init). Off by default: one
+    # measurement (docs/ppo.md) gave a better held-out RM accuracy but a stronger length bias,
+    # and the chain with it has not been run yet
+    rm_from_sft: bool = False
     # data.train for one sub-stage (each needs its own row kind); None: data.train / data.name
     sft_data: str | None = None
     rm_data: str | None = None

@@ -139,7 +139,9 @@ def render(rows: list[dict], opts) -> str:
     base = next((r["metrics"] for r in rows if r["name"] != "qlora"), {})  # qlora's base is 4-bit
     if "eval/base/ifeval/prompt_accuracy" in base:
         cells = ["base model (no training)", "-", "-", "-", "-", "-"]
-        cells += [_cell(base.get(key.replace("eval/", "eval/base/", 1)), kind) for _, key, kind in COLUMNS[:2]]
+        cells += [
+            _cell(base.get(key.replace("eval/", "eval/base/", 1)), kind) for _, key, kind in COLUMNS[:2]
+        ]
         cells += ["x1 (by definition)", "0", "100%", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:

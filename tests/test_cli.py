@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 from conftest import REPO, tiny_overrides
-from test_console import bar_names
 from omegaconf import OmegaConf
+from test_console import bar_names
 
 
 def _align(*args, cwd=REPO):

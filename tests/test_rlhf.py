@@ -34,6 +34,7 @@ def test_rlhf_chains_sft_rm_ppo_through_their_artifacts(tiny_model, tmp_path):
             "ppo.max_new_tokens=8",
             "ppo.kl_coef=0.3",
             "tracking.group=chain-test",
+            "rlhf.rm_from_sft=true",
         ),
     )
     metrics = execute(cfg, tmp_path / "rlhf")
@@ -45,6 +46,8 @@ def test_rlhf_chains_sft_rm_ppo_through_their_artifacts(tiny_model, tmp_path):
     ppo = manifests["ppo"]["data"]
     assert ppo["policy_init"] == str(run / "sft") and ppo["reward"] == str(run / "rm")
     assert ppo["reference"] == "policy_init adapter"
+    # rlhf.rm_from_sft: the reward model starts from the SFT LoRA
+    assert manifests["rm"]["data"]["init"] == str(run / "sft")
     # per-stage overrides reached each stage; stage keys come from the top level
     assert metrics["sft/train/global_step"] == 2 and metrics["rm/train/global_step"] == 3
     assert metrics["ppo/train/global_step"] == 2 and metrics["ppo/objective/kl_coef"] == 0.3

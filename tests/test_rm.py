@@ -82,3 +82,46 @@ def test_rm_margin_column_reaches_the_loss_and_a_bad_margin_names_its_row(tiny_m
     bad = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(AlignError, match=r"bad.jsonl:4: 'margin' must be a finite number"):
         execute(compose("stage=rm", *tiny_overrides(tiny_model, f"data.train={bad}")), tmp_path / "bad")
+
+
+def _saved_causal_lora(cfg, tmp_path):
+    """A CAUSAL_LM LoRA as an SFT run saves it, with non-zero B matrices (a trained one)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align import backbone
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
+    peft_model = get_peft_model(model, backbone.peft_config(cfg))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "sft-adapter")
+    return tmp_path / "sft-adapter", {
+        k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k
+    }
+
+
+def test_reward_model_starts_from_the_sft_lora_weights_with_a_new_head(tiny_model, tmp_path):
+    import pytest
+
+    from align import backbone
+    from align.errors import AlignError
+
+    cfg = compose("stage=rm", *tiny_overrides(tiny_model))
+    adapter_dir, saved = _saved_causal_lora(cfg, tmp_path)
+    bb = backbone.start_from_weights(backbone.build(cfg, task="seq_cls"), adapter_dir)
+    assert bb.peft_config is None  # the trainer trains the adapter as it is
+    state = bb.model.state_dict()
+    for key, value in saved.items():  # every LoRA tensor, under the reward model's own names
+        assert key in state and state[key].equal(value), key
+    trainable = {n for n, p in bb.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert not any("lora_" not in n and "score" not in n for n in trainable)  # the base stays frozen
+    # a LoRA of another shape is refused with what differs
+    other = compose("stage=rm", *tiny_overrides(tiny_model, "adapter.r=4"))
+    with pytest.raises(AlignError, match="r: saved 16, this run 4"):
+        backbone.start_from_weights(backbone.build(other, task="seq_cls"), adapter_dir)

@@ -36,6 +36,8 @@ def stage_config(cfg: Any, name: str, group: str, done: dict[str, Any]) -> Any:
         sub.data.eval = None
     sub.tracking.group = group
     sub.tracking.name = f"{group}-{name}"
+    if name == "rm" and "sft" in done and cfg.rlhf.rm_from_sft and not cfg.rm.init:
+        sub.rm.init = str(done["sft"])  # InstructGPT: the reward model starts from the SFT model
     if name == "ppo":
         if "sft" in done:
             sub.ppo.policy = str(done["sft"])

@@ -1,6 +1,9 @@
 """RM: preference pairs -> reward model (LoRA task SEQ_CLS + scalar score head) with TRL's
 RewardTrainer. The adapter directory holds the LoRA weights and the trained ``score``
-head (peft keeps it in ``modules_to_save``), which is what PPO loads as its reward."""
+head (peft keeps it in ``modules_to_save``), which is what PPO loads as its reward.
+
+With ``rm.init=<sft run dir>`` the LoRA starts from that run's weights (the score head from
+scratch), as InstructGPT starts its reward model from the SFT model; stage=rlhf does this."""
 
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     from align.trainers import AlignRewardTrainer
 
     cfg = ctx.cfg
+    init = training.init_run(cfg, "rm.init", expect=("sft",))
     split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, task="seq_cls")
+    if init is not None:
+        bb = backbone.start_from_weights(bb, init.adapter_dir)
     args = RewardConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
@@ -40,5 +46,6 @@ def run(ctx: StageContext) -> dict[str, float]:
         metrics=metrics,
         data_info=split.info,
         headline=HEADLINE,
+        lineage={"init": str(init.run_dir) if init else None},
         next_hint=f"python -m align stage=ppo ppo.reward={ctx.run_dir} ppo.policy=<sft run dir>",
     )
