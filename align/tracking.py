@@ -111,6 +111,8 @@ def start(cfg: Any, stage: str, run_dir: Path, resume_id: str | None = None) -> 
             config=config_dict(cfg) | {"run_dir": str(run_dir)},
             settings=wandb.Settings(silent=silent),
         )
+        if hasattr(wandb, "termsetup"):  # wandb.init's first setup reset the console functions
+            wandb.termsetup(wandb.Settings(silent=silent), None)
     except Exception as e:  # e.g. online without credentials
         from align.errors import AlignError
 

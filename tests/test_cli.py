@@ -12,8 +12,12 @@ from omegaconf import OmegaConf
 from test_console import bar_names
 
 
-def _align(*args, cwd=REPO):
-    env = dict(os.environ, WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+def _align(*args, cwd=REPO, wandb_silent=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if wandb_silent:
+        env["WANDB_SILENT"] = "true"
+    else:  # as a user's shell has it
+        env.pop("WANDB_SILENT", None)
     return subprocess.run(
         [sys.executable, "-m", "align", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
@@ -24,7 +28,7 @@ def test_sft_run_prints_a_summary_with_outputs_metrics_and_wandb_sync(tiny_model
     overrides = [
         o for o in tiny_overrides(tiny_model, "data=tiny", "train.max_steps=3") if o != "tracking=disabled"
     ]
-    r = _align("stage=sft", *overrides, "tracking=offline", f"hydra.run.dir={run_dir}")
+    r = _align("stage=sft", *overrides, "tracking=offline", f"hydra.run.dir={run_dir}", wandb_silent=False)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "align: stage=sft finished in" in out

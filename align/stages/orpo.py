@@ -34,6 +34,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     args = ORPOConfig(
         **training.trainer_args(ctx, bb.runtime, has_eval=split.eval is not None),
         max_length=cfg.model.max_length,
+        remove_unused_columns=False,  # what the trainer's pair collator needs (TRL sets it, with a warning)
         beta=cfg.orpo.beta,
     )
     started = time.perf_counter()
