@@ -194,7 +194,8 @@ def budget(opts) -> str:
         return f"{opts.steps['*']} training steps per stage"
     fixed = ", ".join(f"{k}={v}" for k, v in opts.steps.items())
     if fixed:
-        probed = {s for _, chain in METHODS for s, _ in chain} - set(opts.steps)
+        chosen = [chain for name, chain in METHODS if not opts.only or name in opts.only]
+        probed = {s for chain in chosen for s, _ in chain} - set(opts.steps)
         rest = f" (others sized to {opts.minutes:g} min)" if probed else ""
         return f"training steps per stage: {fixed}{rest}"
     return f"{opts.minutes:g} min training budget per stage"
