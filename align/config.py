@@ -445,9 +445,9 @@ class RLHFStageConfig:
     ppo: TrainConfig = _rlhf_train(
         lr=3e-4, max_steps=16, batch_size=8, logging_steps=1, gradient_checkpointing=True
     )
-    # true: the reward model's LoRA starts from the sft sub-run's (rm.init). Off by default: one
-    # measurement (docs/ppo.md) gave a better held-out RM accuracy but a stronger length bias,
-    # and the chain with it has not been run yet
+    # true: the reward model's LoRA starts from the sft sub-run's (rm.init). Off by default: its
+    # RM is more accurate on held-out pairs but PPO against it learned longer, truncated answers
+    # and scored below the sft run (docs/ppo.md "The reward model from the SFT model")
     rm_from_sft: bool = False
     # data.train for one sub-stage (each needs its own row kind); None: data.train / data.name
     sft_data: str | None = None
