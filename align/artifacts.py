@@ -150,8 +150,10 @@ def write_manifest(
     tracking: dict | None = None,
     adapter_info: dict | None = None,
 ) -> Path:
+    from align.config import adapter_kind  # here: importing align.artifacts stays free of hydra
+
     a = cfg.adapter
-    kind = a.kind.value if hasattr(a.kind, "value") else str(a.kind)
+    kind = adapter_kind(a)
     method: dict[str, Any] = {}
     if kind == "freeze":
         method = {"train_layers": a.get("train_layers"), "train_head": a.get("train_head")}

@@ -21,7 +21,7 @@ import torch
 
 from align.artifacts import atomic_dir
 from align.cache import cache_root
-from align.config import AdapterKind, Autocast, Device, DType
+from align.config import AdapterKind, Autocast, Device, DType, adapter_kind
 from align.errors import AlignError
 from align.hardware import cpu_computes_bf16
 
@@ -121,7 +121,7 @@ def detect_runtime(cfg: Any) -> Runtime:
 
         every = 2 if device == "cpu" and "jemalloc" in (malloc.loaded() or "") else 1
     gc = (device == "cuda") if gc is None else gc
-    if gc and _kind(cfg.adapter) == "prefix":
+    if gc and adapter_kind(cfg.adapter) == "prefix":
         # transformers' checkpointed layers build the attention mask without the prefix's cached
         # keys (34 vs 54 columns on the tiny model): prefix tuning trains without checkpointing
         log.info(
@@ -550,7 +550,7 @@ def peft_config(cfg: Any, task: str = "causal_lm", model_path: str | None = None
     for full fine-tuning and layer freezing (no adapter: the model's own weights train).
     ``model_path``: where the tokenizer for prompt tuning's text initialisation lives."""
     a = cfg.adapter
-    kind = _kind(a)
+    kind = adapter_kind(a)
     if kind in ("none", "freeze"):
         return None
     task_type = "SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM"
@@ -595,10 +595,6 @@ def peft_config(cfg: Any, task: str = "causal_lm", model_path: str | None = None
     )
 
 
-def _kind(adapter_cfg: Any) -> str:
-    return str(getattr(adapter_cfg.kind, "value", adapter_cfg.kind))
-
-
 def is_prompt_learning(model) -> bool:
     """Whether ``model``'s active adapter is prefix or prompt tuning (virtual tokens that only
     PeftModel.forward adds) and is not disabled."""
@@ -618,7 +614,7 @@ FREEZE_CONFIG = "freeze.json"
 
 def check_freeze_depth(path: str, cfg: Any) -> None:
     """adapter.train_layers against the model's depth, from its config alone (before loading)."""
-    if _kind(cfg.adapter) != "freeze":
+    if adapter_kind(cfg.adapter) != "freeze":
         return
     from transformers import AutoConfig
 
@@ -757,13 +753,13 @@ def build(
     path = resolve_model_path(cfg.model, cfg.adapter)
     check_freeze_depth(path, cfg)
     tokenizer = load_tokenizer(path, cfg.model)
-    if init_adapter is not None and _kind(cfg.adapter) == "none":
+    if init_adapter is not None and adapter_kind(cfg.adapter) == "none":
         raise AlignError("adapter=none cannot continue from an adapter; use adapter=lora (or qlora/dora)")
     model = load_base_model(path, cfg, rt, task, num_labels=num_labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pcfg = peft_config(cfg, task, model_path=path)
-    if _kind(cfg.adapter) == "freeze":
+    if adapter_kind(cfg.adapter) == "freeze":
         earlier = load_freeze_weights(model, init_adapter) if init_adapter is not None else []
         apply_freeze(model, cfg, task, also=earlier)
         if rt.gradient_checkpointing:  # the frozen blocks below pass no grad: checkpointed ones need it
@@ -936,9 +932,9 @@ def add_adapter(model, cfg: Any, name: str, *, from_dir: str | Path | None = Non
     extra: dict[str, torch.Tensor] = {}
     lora_weights = None
     if from_dir is None:
-        if _kind(cfg.adapter) not in ("lora", "qlora", "dora"):
+        if adapter_kind(cfg.adapter) not in ("lora", "qlora", "dora"):
             raise AlignError(
-                f"named adapters (PPO's shared base) need adapter=lora, qlora or dora, not adapter={_kind(cfg.adapter)}"
+                f"named adapters (PPO's shared base) need adapter=lora, qlora or dora, not adapter={adapter_kind(cfg.adapter)}"
             )
         lcfg = peft_config(cfg)
         if lcfg is None:

@@ -586,14 +586,15 @@ def validate(cfg: Any) -> None:
                 )
 
 
-def _kind(a: Any) -> str:
-    return str(getattr(a.kind, "value", a.kind))
+def adapter_kind(adapter_cfg: Any) -> str:
+    """``adapter.kind`` as a plain string (an AdapterKind in a structured config, a str otherwise)."""
+    return str(getattr(adapter_cfg.kind, "value", adapter_cfg.kind))
 
 
 def validate_adapter(cfg: Any) -> None:
     """The adapter kinds of issue 13 (freeze, prefix, prompt, ia3): their keys and the
     combinations that cannot work, each named with what to use instead."""
-    a, kind = cfg.adapter, _kind(cfg.adapter)
+    a, kind = cfg.adapter, adapter_kind(cfg.adapter)
     if kind not in NEW_KINDS:
         return
     stage = cfg.stage

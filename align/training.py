@@ -88,10 +88,10 @@ def init_run(cfg: Any, key: str, expect: tuple[str, ...]) -> artifacts.Artifact 
 def check_init_kind(cfg: Any, init: Any, key: str) -> None:
     """A run continued from ``init`` (dpo.init, ...) must use the method ``init`` was trained with
     (the LoRA family is interchangeable), so its artifact records what it really trained."""
-    from align.config import LORA_KINDS
+    from align.config import LORA_KINDS, adapter_kind
 
     have = init.adapter_kind
-    want = str(getattr(cfg.adapter.kind, "value", cfg.adapter.kind))
+    want = adapter_kind(cfg.adapter)
     if have == want or (have in LORA_KINDS and want in LORA_KINDS):
         return
     if have == "none":
