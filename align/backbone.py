@@ -776,12 +776,12 @@ def start_from_weights(bb: Backbone, adapter_dir: str | Path) -> Backbone:
     saved adapter in ``adapter_dir`` (same rank and target modules; another task type is fine):
     a reward model's LoRA from the SFT run's, its score head new, as InstructGPT starts its reward
     model from the SFT model. The trainer then trains the adapter as it is (no config)."""
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     want = bb.peft_config
-    if want is None or getattr(want, "peft_type", None) is None or str(want.peft_type.value) != "LORA":
+    if not isinstance(want, LoraConfig):
         raise AlignError(f"{adapter_dir}: starting from its weights needs a LoRA adapter (adapter=lora)")
     mismatch = [
         f"{key}: saved {saved.get(key)!r}, this run {getattr(want, key)!r}"
