@@ -241,26 +241,28 @@ def test_new_kinds_run_the_preference_stages_rm_and_classify(tiny_model, tmp_pat
     assert json.loads((tmp_path / "run" / "artifact.json").read_text())["adapter"]["kind"] == kind
 
 
-def test_dpo_continues_a_freeze_sft_run_with_it_as_reference(tiny_model, sft_runs, tmp_path):
+# the reference is the SFT model: at the first step policy == reference, so DPO's loss is ln 2 and
+# KTO's 1/2 (rewards and KL 0); continuing with another method is refused
+@pytest.mark.parametrize(
+    "stage, first_loss, other",
+    [("dpo", 0.6931, "lora"), ("kto", 0.5, "ia3")],
+)
+def test_preference_stage_continues_a_freeze_sft_run_with_it_as_reference(
+    tiny_model, sft_runs, tmp_path, stage, first_loss, other
+):
     run_dir = sft_runs["freeze"][0]
     pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees"], 16, 0)
-    over = [f"data.train={pairs}", "train.max_steps=2", "train.batch_size=4", f"dpo.init={run_dir}"]
-    m = execute(compose("stage=dpo", *tiny_overrides(tiny_model, "adapter=freeze", *over)), tmp_path / "dpo")
-    # the reference is the SFT model: at the first step policy == reference, loss ln 2
-    assert m["train/first_loss"] == pytest.approx(0.6931, abs=1e-3)
-    with pytest.raises(AlignError, match="was trained with adapter=freeze.*set adapter=freeze"):
-        execute(compose("stage=dpo", *tiny_overrides(tiny_model, "adapter=lora", *over)), tmp_path / "x")
-
-
-def test_kto_continues_a_freeze_sft_run_with_it_as_reference(tiny_model, sft_runs, tmp_path):
-    run_dir = sft_runs["freeze"][0]
-    pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees"], 16, 0)
-    over = [f"data.train={pairs}", "train.max_steps=2", "train.batch_size=4", f"kto.init={run_dir}"]
-    m = execute(compose("stage=kto", *tiny_overrides(tiny_model, "adapter=freeze", *over)), tmp_path / "kto")
-    # the reference is the SFT model: at the first step policy == reference, rewards and KL 0, loss 1/2
-    assert m["train/first_loss"] == pytest.approx(0.5, abs=1e-3)
-    with pytest.raises(AlignError, match="kto.init=.*was trained with adapter=freeze.*set adapter=freeze"):
-        execute(compose("stage=kto", *tiny_overrides(tiny_model, "adapter=ia3", *over)), tmp_path / "x")
+    over = [f"data.train={pairs}", "train.max_steps=2", "train.batch_size=4", f"{stage}.init={run_dir}"]
+    m = execute(
+        compose(f"stage={stage}", *tiny_overrides(tiny_model, "adapter=freeze", *over)), tmp_path / stage
+    )
+    assert m["train/first_loss"] == pytest.approx(first_loss, abs=1e-3)
+    with pytest.raises(
+        AlignError, match=f"{stage}.init=.*was trained with adapter=freeze.*set adapter=freeze"
+    ):
+        execute(
+            compose(f"stage={stage}", *tiny_overrides(tiny_model, f"adapter={other}", *over)), tmp_path / "x"
+        )
 
 
 # --------------------------------------------------------------------------- impossible combinations

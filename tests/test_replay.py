@@ -27,16 +27,20 @@ def _is_replay(row, general) -> bool:
 
 
 def test_replay_replaces_the_requested_fraction_of_a_fixed_step_budget(tiny_model):
-    cfg = compose(
-        "stage=sft",
-        *tiny_overrides(
-            tiny_model,
-            "data=tiny",
-            f"data.replay={GENERAL}",
-            "data.replay_fraction=0.25",
-            "train.max_steps=5",
-        ),
-    )
+    def replay_cfg(*extra):
+        return compose(
+            "stage=sft",
+            *tiny_overrides(
+                tiny_model,
+                "data=tiny",
+                f"data.replay={GENERAL}",
+                "data.replay_fraction=0.25",
+                "train.max_steps=5",
+                *extra,
+            ),
+        )
+
+    cfg = replay_cfg()
     split = training.load_data(cfg, "sft", training.needed_train_rows(cfg))  # 5 steps x 4 rows
     rows, general = _rows(split), _general_prompts()
     assert len(rows) == 20  # the step budget is kept
@@ -44,18 +48,7 @@ def test_replay_replaces_the_requested_fraction_of_a_fixed_step_budget(tiny_mode
     assert split.info["replay_fraction"] == 0.25 and split.info["task_rows"] == 15
     again = _rows(training.load_data(cfg, "sft", training.needed_train_rows(cfg)))
     assert again == rows  # deterministic (seeded)
-    other = compose(
-        "stage=sft",
-        *tiny_overrides(
-            tiny_model,
-            "data=tiny",
-            f"data.replay={GENERAL}",
-            "data.replay_fraction=0.25",
-            "train.max_steps=5",
-            "seed=7",
-        ),
-    )
-    assert _rows(training.load_data(other, "sft", 20)) != rows  # and the seed moves it
+    assert _rows(training.load_data(replay_cfg("seed=7"), "sft", 20)) != rows  # and the seed moves it
 
 
 def test_replay_adds_rows_to_whole_epochs(tiny_model):
