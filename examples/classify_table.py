@@ -1,7 +1,7 @@
 """Results table for stage=classify on the shipped code-defect set, like arXiv 2401.17010's:
 balanced vs imbalanced (10% defective) x (cross-entropy, focal, focal + class weights).
 
-    .venv/bin/python examples/classify_table.py                      # 6 runs, ~10 min each on 2 cores
+    .venv/bin/python examples/classify_table.py                      # 6 runs, ~7.5 min each on 2 cores
     .venv/bin/python examples/classify_table.py --steps 40 --batch-size 8 classify.packing=true
     .venv/bin/python examples/classify_table.py --smoke              # 1 step each, 16 eval rows
 
@@ -47,7 +47,7 @@ COLUMNS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=48, help="train.max_steps of every run")
+    ap.add_argument("--steps", type=int, default=60, help="train.max_steps of every run")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(

@@ -507,3 +507,28 @@ def test_export_of_a_classify_run_predicts_the_same_with_plain_transformers(toy_
         with torch.no_grad():
             p = model(**tok(row["code"], return_tensors="pt")).logits.softmax(-1)[0, 1].item()
         assert p == pytest.approx(preds[row["id"]], abs=1e-4)
+
+
+def test_classify_slices_reports_roc_auc_per_slice_and_shows_an_inverted_one(tmp_path):
+    """examples/classify_slices.py: per-slice ROC AUC of a run's predictions, joined by id; a
+    slice the model ranks backwards reads below 0.5 even where the overall AUC looks fine."""
+    rows, preds = [], []
+    for i in range(8):
+        lang, label = ("c" if i < 4 else "py"), i % 2
+        score = (0.8 if label else 0.2) if lang == "c" else (0.4 if label else 0.6)  # py: inverted
+        rows.append({"id": f"t{i}", "text": "x", "label": label, "language": lang})
+        preds.append({"id": f"t{i}", "label_id": label, "score": score})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  name: mine\n  eval: null\n")
+    write_jsonl(run / "predictions.jsonl", preds)
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "classify_slices.py"), str(run)]
+        + ["--data", str(tmp_path / "test.jsonl"), "--by", "language"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| language=c | 4 | 2 | 1.000 |" in out
+    assert "| language=py | 4 | 2 | 0.000 |" in out
