@@ -12,7 +12,9 @@ rather than arithmetic:
 * rows that finished (stop token or budget) leave the batch and the KV cache at once, so a
   batch costs what its live rows cost, not what its longest row costs;
 * greedy decoding returns the log-prob of every chosen token from the decode step itself,
-  so the KL to a reference needs one forward pass (the reference's), not two.
+  so the KL to a reference needs one forward pass (the reference's), not two;
+* under bf16 autocast the LM head computes from a bf16 copy of its weight made once
+  (:func:`head_in_dtype`), not from a cast of the fp32 weight on every step.
 
 The forward passes over finished completions (:func:`token_logprobs`) run only the positions
 that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
@@ -121,6 +123,34 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             layer.get_base_layer().weight.data = original
             for name in names:
                 layer.merged_adapters.remove(name)
+
+
+@contextlib.contextmanager
+def head_in_dtype(model, dtype: torch.dtype | None) -> Iterator[bool]:
+    """Within the block (no autograd), the LM head computes from a copy of its weight cast once
+    to ``dtype``, the autocast dtype: under autocast its fp32 weight (SmolLM2: the 49k x 576
+    tied embedding, 113 MB) is otherwise cast on every call, which is most of the head's cost
+    in a decode step (28 of 32 ms at batch 16 on 2 CPU cores; docs/benchmarks.md).
+    ``linear(h.to(dtype), W.to(dtype))`` is what autocast computes, so the logits are the same
+    to the bit. Yields whether the head was replaced: not without autocast, for a head that is
+    not a plain fp32 ``nn.Linear`` (a LoRA-wrapped head, weights already in ``dtype``), or with
+    autograd on. The tied input embedding is untouched (a separate copy, not a re-typed one)."""
+    head = model.get_output_embeddings() if dtype is not None else None
+    if (
+        head is None
+        or type(head) is not nn.Linear
+        or head.weight.dtype != torch.float32
+        or torch.is_grad_enabled()
+    ):
+        yield False
+        return
+    weight = head.weight.detach().to(dtype)
+    bias = head.bias.detach().to(dtype) if head.bias is not None else None
+    head.forward = lambda x: nn.functional.linear(x.to(dtype), weight, bias)
+    try:
+        yield True
+    finally:
+        del head.forward
 
 
 # --------------------------------------------------------------------------- batch size
@@ -249,6 +279,7 @@ def sample(
             malloc.keep_freed_pages(),
             merged_adapter(model, enabled=merge, dtype=autocast),
             torch.no_grad(),
+            head_in_dtype(model, autocast),
             _autocast(device, autocast),
         ):
             done = _Decoder(model, prompt_ids, params, stop, pad_id, device, bs, bar.update).run(order)
@@ -697,7 +728,12 @@ def completion_logprobs(
     was_training = model.training
     model.eval()
     try:
-        with malloc.keep_freed_pages(), torch.no_grad(), _autocast(device, autocast):
+        with (
+            malloc.keep_freed_pages(),
+            torch.no_grad(),
+            head_in_dtype(model, autocast),
+            _autocast(device, autocast),
+        ):
             for start in tqdm(range(0, n, bs), desc=desc, unit="batch", leave=False, disable=not progress):
                 idx = order[start : start + bs]
                 P = max(len(seqs[i][0]) for i in idx)

@@ -131,6 +131,47 @@ def test_merging_for_sampling_leaves_the_base_bit_identical(lora_model):
         assert not merged  # nothing to merge: the base alone
 
 
+def test_head_copy_in_the_autocast_dtype_gives_autocasts_logits_to_the_bit(lora_model, monkeypatch):
+    """head_in_dtype: the LM head computes from a bf16 copy made once instead of autocast's cast
+    on every call; logits, greedy tokens and their log-probs are identical, and the head is
+    itself again afterwards (fp32 weight untouched, no instance forward left behind)."""
+    import contextlib
+
+    model, tok = lora_model
+    head = model.get_output_embeddings()
+    weight = head.weight.detach().clone()
+    x = torch.tensor([encode(tok)[2]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=x).logits
+        with sampling.head_in_dtype(model, torch.bfloat16) as replaced:
+            assert replaced
+            got = model(input_ids=x).logits
+    assert torch.equal(got, want)
+    assert "forward" not in vars(head)
+    assert head.weight.dtype == torch.float32 and torch.equal(head.weight, weight)
+    with sampling.head_in_dtype(model, torch.bfloat16) as replaced:
+        assert not replaced  # autograd on: the head must stay the trained one
+    with torch.no_grad(), sampling.head_in_dtype(model, None) as replaced:
+        assert not replaced  # no autocast: nothing to cast
+
+    def decode():
+        return sampling.sample(
+            model,
+            encode(tok),
+            sampling.SamplingParams(max_new_tokens=8),
+            stop=[-1],
+            pad_id=tok.pad_token_id,
+            autocast=torch.bfloat16,
+            progress=False,
+        )
+
+    fast = decode()
+    monkeypatch.setattr(sampling, "head_in_dtype", lambda m, d: contextlib.nullcontext(False))
+    slow = decode()
+    assert [c.ids for c in fast] == [c.ids for c in slow]
+    assert [c.logprobs for c in fast] == [c.logprobs for c in slow]
+
+
 def test_merge_is_skipped_when_the_copy_does_not_fit(lora_model, monkeypatch):
     model, _ = lora_model
     monkeypatch.setattr(sampling, "available_memory", lambda device: 1)

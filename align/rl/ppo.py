@@ -332,7 +332,8 @@ class PPOTrainer:
         ref_logprobs = torch.zeros_like(logprobs)
         values = torch.zeros_like(logprobs)
         for role in ("policy", "ref", "value"):
-            with self.models.active(role) as model:
+            head_dtype = None if role == "value" else self.autocast_dtype  # the value pass skips the LM head
+            with self.models.active(role) as model, sampling.head_in_dtype(model, head_dtype):
                 for idx in self._chunks(len(rows)):
                     sel = ro.select(idx)
                     w = sel["width"]
