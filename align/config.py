@@ -326,7 +326,9 @@ class ClassifyStageConfig:
     focal_gamma: float = 1.0  # loss=focal: (1 - p_true)^gamma * CE; 0 is plain cross-entropy
     class_weights: Any = None  # null | auto (inverse frequency) | [w_0, w_1, ...] (one per label)
     labels: list[str] | None = None  # label order (ids 0..K-1; binary: the 2nd is positive); null: sorted
-    packing: bool = False  # several examples per sequence, block-diagonal attention
+    # several examples per sequence, block-diagonal attention; null (auto): on, except with
+    # adapter=prefix/prompt, whose peft forward cannot pass the block-diagonal mask through
+    packing: bool | None = None
     truncate: Truncate = Truncate.middle  # texts over model.max_length lose their end or their middle
     threshold: float | None = None  # binary: decision threshold; null: the F1-maximising one on eval
     predictions: bool = True  # write predictions.jsonl (and W&B ROC/PR plots) for the eval split
@@ -591,6 +593,13 @@ def adapter_kind(adapter_cfg: Any) -> str:
     return str(getattr(adapter_cfg.kind, "value", adapter_cfg.kind))
 
 
+def classify_packing(cfg: Any) -> bool:
+    """``classify.packing`` as the run uses it: null (auto) is on, except with adapter=prefix/prompt."""
+    if cfg.classify.packing is not None:
+        return bool(cfg.classify.packing)
+    return adapter_kind(cfg.adapter) not in PROMPT_LEARNING_KINDS
+
+
 def validate_adapter(cfg: Any) -> None:
     """The adapter kinds of issue 13 (freeze, prefix, prompt, ia3): their keys and the
     combinations that cannot work, each named with what to use instead."""
@@ -655,7 +664,7 @@ def validate_adapter(cfg: Any) -> None:
                 f"adapter={kind} with train.packing=true: packed rows are separated by position ids, which "
                 f"peft's {kind} tuning ignores; set train.packing=false (or use adapter=lora to pack)"
             )
-        if stage == "classify" and cfg.classify.packing:
+        if stage == "classify" and cfg.classify.packing is True:  # asked for; auto turns it off
             raise AlignError(
                 f"adapter={kind} with classify.packing=true: packed rows need block-diagonal attention, which "
                 f"peft's {kind} tuning does not pass through; set classify.packing=false (or use adapter=lora)"

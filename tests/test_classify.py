@@ -532,3 +532,11 @@ def test_classify_slices_reports_roc_auc_per_slice_and_shows_an_inverted_one(tmp
     ).stdout
     assert "| language=c | 4 | 2 | 1.000 |" in out
     assert "| language=py | 4 | 2 | 0.000 |" in out
+
+
+def test_packing_is_on_by_default_and_auto_off_for_prompt_learning_adapters():
+    from align.config import classify_packing
+
+    assert classify_packing(compose("stage=classify")) is True
+    assert classify_packing(compose("stage=classify", "adapter=prompt")) is False  # auto: peft cannot pack it
+    assert classify_packing(compose("stage=classify", "classify.packing=false")) is False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from align import artifacts, backbone, classify, data, guard, training
+from align.config import classify_packing
 from align.training import StageContext
 
 HEADLINE = [
@@ -39,6 +40,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     split.info["train_rows"] = len(train_rows)
     tokenizer = backbone.tokenizer_for(cfg)
     truncate, max_len = c.truncate.value, cfg.model.max_length
+    packing = classify_packing(cfg)
     train = classify.encode(train_rows, tokenizer, labels, max_len, truncate)
     held = classify.encode(eval_rows, tokenizer, labels, max_len, truncate)  # unknown labels fail here
 
@@ -46,7 +48,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     model = backbone.apply_adapter(bb.model, cfg, bb.peft_config, bb.runtime)
     pad_id = bb.tokenizer.pad_token_id if bb.tokenizer.pad_token_id is not None else bb.tokenizer.eos_token_id
     args = training.trainer_args(ctx, bb.runtime, has_eval=bool(held.labels))
-    if c.packing:  # packing fills rows from a random mix of lengths; grouping by length would not help
+    if packing:  # packing fills rows from a random mix of lengths; grouping by length would not help
         args["train_sampling_strategy"] = "random"
     started = time.perf_counter()
     trainer = classify.ClassifierTrainer(
@@ -54,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         args=TrainingArguments(**args, remove_unused_columns=False, label_names=["labels"]),
         train_dataset=classify.to_dataset(train),
         eval_dataset=classify.to_dataset(held) if held.labels else None,
-        data_collator=classify.Collator(pad_id, c.packing, max_len),
+        data_collator=classify.Collator(pad_id, packing, max_len),
         gamma=c.focal_gamma if c.loss.value == "focal" else 0.0,
         class_weights=class_weights,
     )
@@ -69,7 +71,7 @@ def run(ctx: StageContext) -> dict[str, float]:
             held.input_ids,
             pad_id=pad_id,
             batch_size=cfg.train.eval_batch_size,
-            packing=c.packing,
+            packing=packing,
             max_length=max_len,
         )
         ev, details = classify.metrics(held.labels, probs, labels, c.threshold)
@@ -93,7 +95,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "threshold": details.get("threshold", c.threshold),
         "truncate": truncate,
         "max_length": max_len,
-        "packing": bool(c.packing),
+        "packing": packing,
         "loss": c.loss.value,
         "focal_gamma": float(c.focal_gamma),
         "class_weights": class_weights,
