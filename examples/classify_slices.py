@@ -6,7 +6,7 @@ category and template of the shipped code-defect set, or per any column of your 
 
 Joins the run's ``predictions.jsonl`` (``id``, ``label_id``, ``score``) with the held-out rows
 by ``id`` (the shipped sets' ``id`` column; for your own file, the column the run used as
-``id``). ``--data`` defaults to the run's own shipped held-out file (``data.name``). Where the
+``id``). ``--data`` defaults to the held-out file the run scored (its artifact.json). Where the
 overall ROC AUC hides a slice the model gets backwards (AUC < 0.5), it shows here.
 """
 
@@ -17,16 +17,20 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 
+def held_out_file(run: Path) -> Path:
+    """The held-out file the run scored, as its artifact.json records it (what stage=eval reads)."""
+    from align import artifacts
+    from align.errors import AlignError
 
-def shipped_test_file(run: Path) -> Path:
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    if cfg["data"].get("eval"):
-        return Path(cfg["data"]["eval"])
-    return REPO / "classify_data" / f"{cfg['data']['name']}_test.jsonl"
+    try:
+        art = artifacts.read(run, key="run", expect_stage=("classify",))
+    except AlignError as e:
+        raise SystemExit(str(e)) from None
+    source = art.manifest.get("data", {}).get("eval")
+    if not source:
+        raise SystemExit(f"{run}: its held-out rows were split from data.train; pass --data <file>")
+    return Path(source)
 
 
 def main() -> None:
@@ -37,7 +41,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="held-out JSONL with an id column")
     ap.add_argument("--by", default="language,category,template", help="comma-separated columns")
     args = ap.parse_args()
-    data = args.data or shipped_test_file(args.run)
+    data = args.data or held_out_file(args.run)
     rows = {r["id"]: r for r in map(json.loads, data.read_text().splitlines()) if r}
     preds = [json.loads(line) for line in (args.run / "predictions.jsonl").read_text().splitlines()]
     missing = [p["id"] for p in preds if p["id"] not in rows]

@@ -520,7 +520,6 @@ def test_classify_slices_reports_roc_auc_per_slice_and_shows_an_inverted_one(tmp
         preds.append({"id": f"t{i}", "label_id": label, "score": score})
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("data:\n  name: mine\n  eval: null\n")
     write_jsonl(run / "predictions.jsonl", preds)
     write_jsonl(tmp_path / "test.jsonl", rows)
     out = subprocess.run(
