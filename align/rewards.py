@@ -57,35 +57,60 @@ class RewardModel:
         self.__name__ = f"rm:{art.run_dir.name}"  # TRL names the reward column after it
         self._torch = torch
 
-    def texts(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
-        out = []
-        for p, c in zip(prompts, completions, strict=True):
-            if isinstance(p, str):
-                out.append(p + _completion_text(c))
-            else:
-                msgs = list(p) + [{"role": "assistant", "content": _completion_text(c)}]
-                out.append(self.tokenizer.apply_chat_template(msgs, tokenize=False))
-        return out
-
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         torch = self._torch
-        texts = self.texts(prompts, completions)
+        texts = reward_texts(self.tokenizer, prompts, completions)
         scores: list[float] = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"  # the score is read at the last real token
-        try:
-            with torch.no_grad():
-                for i in range(0, len(texts), self.batch_size):
-                    enc = self.tokenizer(
-                        texts[i : i + self.batch_size],
-                        return_tensors="pt",
-                        padding=True,
-                        add_special_tokens=False,
-                    ).to(self.device)
-                    scores += self.model(**enc).logits[:, 0].float().tolist()
-        finally:
-            self.tokenizer.padding_side = side
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                ids, mask = encode_right_padded(self.tokenizer, texts[i : i + self.batch_size], self.device)
+                # transformers' sequence-classification pooling: the last non-pad token
+                scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return scores
+
+
+def reward_texts(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
+    """Prompt + completion as TRL's RewardTrainer showed them to a reward model in training:
+    the chat template over the messages (so the text ends the way the template ends an assistant
+    turn, e.g. ``<|im_end|>\n``), or plain prompt + completion + EOS (TRL appends the EOS to
+    plain-text responses). A completion cut at the token limit is scored as if it ended there;
+    what the cut costs is ``ppo.missing_eos_penalty``'s business."""
+    out = []
+    for p, c in zip(prompts, completions, strict=True):
+        if isinstance(p, str):
+            text, eos = p + _completion_text(c), tokenizer.eos_token
+            out.append(text if not eos or text.endswith(eos) else text + eos)
+        else:
+            msgs = list(p) + [{"role": "assistant", "content": _completion_text(c)}]
+            out.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return out
+
+
+def encode_right_padded(tokenizer: Any, texts: Sequence[str], device: Any = "cpu"):
+    """(input_ids, attention_mask) of ``texts`` (no special tokens added), right-padded with the
+    tokenizer's pad id, whatever its ``padding_side``."""
+    import torch
+
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, ids))
+    out = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        out[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return out.to(device), mask.to(device)
+
+
+def score_index(input_ids: Any, pad_id: int) -> Any:
+    """Per row, the position whose hidden state a reward model's score is read from: the last
+    token that is not the pad token, which is where transformers' ``*ForSequenceClassification``
+    pools and so where TRL's RewardTrainer trained the score (for SmolLM2's template, whose pad
+    token is ``<|im_end|>``, that is the ``\n`` after it, not the ``<|im_end|>``)."""
+    import torch
+
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    return (positions * (input_ids != pad_id).int()).argmax(-1)
 
 
 def resolve(spec: str, cfg: Any, *, key: str) -> list[Callable[..., Sequence[float]]]:

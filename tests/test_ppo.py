@@ -176,6 +176,44 @@ def test_adapters_share_one_base_and_ppo_never_changes_it(tiny_model, tmp_path):
     )
 
 
+def test_score_index_is_where_transformers_pools_a_sequence_classifier():
+    from align import rewards
+
+    pad = 0
+    ids = torch.tensor([[5, 6, 7, pad, pad], [5, pad, 9, 4, pad], [3, 4, 5, 6, 7]])
+    assert rewards.score_index(ids, pad).tolist() == [2, 3, 4]
+
+
+def test_ppo_scores_a_rollout_where_the_reward_model_was_trained(tiny_model, tmp_path):
+    """The shared-backbone reward == the seq-cls reward model on the chat-formatted text, pooled
+    by transformers (what TRL's RewardTrainer trains): read after the template's end of turn,
+    not at the sampled EOS, where a trained reward model's score is noise (issue 11)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from align import backbone, rewards
+    from align.rl import ppo
+
+    rm_dir = fake_reward_adapter(tiny_model, tmp_path / "rm")
+    cfg = ppo_config(tiny_model, "train.max_steps=1", "ppo.max_new_tokens=6")
+    rt = backbone.detect_runtime(cfg)
+    tok = backbone.load_tokenizer(str(tiny_model), cfg.model)
+    models = ppo.build_models(cfg, str(tiny_model), rt, reward_dir=rm_dir)
+    trainer = ppo.PPOTrainer(cfg, models, tok, "cpu")
+    batch = trainer.make_batch(PROMPTS[:4])
+
+    texts = rewards.reward_texts(tok, batch.ro.prompts, batch.ro.completions)
+    end_of_turn = tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False).split("x")[-1]
+    assert end_of_turn and all(t.endswith(end_of_turn) for t in texts)
+    seq_cls = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    seq_cls.config.pad_token_id = tok.pad_token_id
+    rm = PeftModel.from_pretrained(seq_cls, rm_dir).eval()
+    ids, mask = rewards.encode_right_padded(tok, texts)
+    with torch.no_grad():
+        expected = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(batch.raw_scores, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_fresh_value_head_starts_at_zero_so_first_advantages_are_the_returns():
     from align.rl import ppo
 

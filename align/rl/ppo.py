@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from align import backbone, sampling
+from align import backbone, rewards, sampling
 from align.errors import AlignError
 from align.rl import losses, rollout
 
@@ -297,12 +297,23 @@ class PPOTrainer:
                     f"the reward function returned {scores.numel()} scores for {len(ro.completions)} completions"
                 )
             return scores
+        # the reward model reads the text as it was trained on it (rewards.reward_texts: the chat
+        # template's end of turn after the completion) at the token its score was trained at
+        # (rewards.score_index), not at the sampled EOS: there its score is untrained noise
+        texts = rewards.reward_texts(self.tokenizer, ro.prompts, ro.completions)
+        pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         parts = []
         with self.models.active("reward") as model:
-            for idx in self._chunks(len(ro.completions)):
-                sel = ro.select(idx)
-                hidden = rollout.hidden_states(model, sel["input_ids"], sel["attention_mask"])
-                parts.append(rollout.last_token_scores(self.models.score_head, hidden, sel["attention_mask"]))
+            for idx in self._chunks(len(texts)):
+                ids, mask = rewards.encode_right_padded(self.tokenizer, [texts[i] for i in idx], self.device)
+                hidden = rollout.hidden_states(model, ids, mask)
+                at = rewards.score_index(ids, pad_id)
+                head = self.models.score_head
+                parts.append(head(hidden[torch.arange(len(at)), at].to(head.weight.dtype)).squeeze(-1))
         return torch.cat(parts).float()
 
     @torch.no_grad()
