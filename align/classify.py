@@ -177,7 +177,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Model inputs for ``examples`` (dicts with ``input_ids``, ``label``, optional ``weight``).
 
-    ``row_index``/``last_index`` locate each example's last token, in the order of ``examples``.
+    ``row_index``/``first_index``/``last_index`` locate each example's first and last token, in
+    the order of ``examples``.
     Padded: one example per row, right-padded, with an attention mask. Packed: examples share
     rows of at most ``max_length`` tokens; ``position_ids`` restart at 0 for every example and
     there is no attention mask, so that each example attends only to itself (the padding at
@@ -193,6 +194,7 @@ def collate(
     pos = torch.zeros((len(bins), width), dtype=torch.long)
     mask = torch.zeros((len(bins), width), dtype=torch.long)
     row_index = torch.zeros(len(examples), dtype=torch.long)
+    first_index = torch.zeros(len(examples), dtype=torch.long)
     last_index = torch.zeros(len(examples), dtype=torch.long)
     for r, b in enumerate(bins):
         at = 0
@@ -201,13 +203,14 @@ def collate(
             ids[r, at : at + n] = torch.tensor(examples[i]["input_ids"], dtype=torch.long)
             pos[r, at : at + n] = torch.arange(n)
             mask[r, at : at + n] = 1
-            row_index[i], last_index[i] = r, at + n - 1
+            row_index[i], first_index[i], last_index[i] = r, at, at + n - 1
             at += n
         pos[r, at:] = torch.arange(width - at)  # padding: a block of its own
     batch = {
         "input_ids": ids,
         "position_ids": pos,
         "row_index": row_index,
+        "first_index": first_index,
         "last_index": last_index,
         "labels": torch.tensor([int(e["label"]) for e in examples], dtype=torch.long),
         "weights": torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32),
@@ -246,8 +249,10 @@ def head_module(model):
     raise AlignError(f"{type(base).__name__} has no classification head (score/classifier); use a decoder LM")
 
 
-def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(examples, classes) logits: the head's output at each example's last token.
+def class_logits(model, batch: dict[str, torch.Tensor], pooling: str = "last") -> torch.Tensor:
+    """(examples, classes) logits: the head's output at each example's last token
+    (``pooling="last"``), or averaged over the example's tokens (``"mean"``; the head is linear,
+    so this is the head applied to the mean-pooled hidden states).
 
     The model is called as a whole (so DDP / FSDP / DeepSpeed wrappers see the forward), and
     the head's per-token output is taken with a forward hook: transformers' own pooling reads
@@ -266,7 +271,18 @@ def class_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     per_token = captured[-1]
     # prompt tuning runs the head over its virtual tokens too, prepended: shift past them
     offset = per_token.size(1) - batch["input_ids"].size(1)
-    return per_token[batch["row_index"], batch["last_index"] + offset].float()
+    rows, last = batch["row_index"], batch["last_index"] + offset
+    if pooling == "last":
+        return per_token[rows, last].float()
+    # each example's tokens gathered and summed on their own (a running sum over a packed row
+    # would make an example's mean depend, in the last bits, on what precedes it in the row)
+    first = batch["first_index"] + offset
+    n = last - first + 1
+    example = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
+    position = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    tokens = per_token[rows[example], first[example] + position].float()
+    sums = tokens.new_zeros(len(n), tokens.size(-1)).index_add_(0, example, tokens)
+    return sums / n.to(sums.dtype)[:, None]
 
 
 def classification_loss(
@@ -321,17 +337,24 @@ def class_weights_for(spec: Any, labels: Sequence[int], num_labels: int) -> list
 class ClassifierTrainer(Trainer):
     """transformers' Trainer with :func:`classification_loss` on :func:`class_logits`."""
 
-    def __init__(self, *args, gamma: float = 0.0, class_weights: list[float] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        gamma: float = 0.0,
+        class_weights: list[float] | None = None,
+        pooling: str = "last",
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         # the loss is a mean over the micro-batch's rows, not a sum normalised by the step's item
         # count: the Trainer must divide it by the gradient accumulation steps (it would not,
         # seeing a model whose forward takes **kwargs)
         self.model_accepts_loss_kwargs = False
-        self.gamma = gamma
+        self.gamma, self.pooling = gamma, pooling
         self.class_weights = torch.tensor(class_weights) if class_weights is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = class_logits(model, inputs)
+        logits = class_logits(model, inputs, self.pooling)
         loss = classification_loss(
             logits,
             inputs["labels"],
@@ -350,9 +373,21 @@ class ClassifierTrainer(Trainer):
 
 @torch.no_grad()
 def predict(
-    model, enc_ids: Sequence[list[int]], *, pad_id: int, batch_size: int, packing: bool, max_length: int
+    model,
+    enc_ids: Sequence[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    packing: bool,
+    max_length: int,
+    pooling: str = "last",
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """(rows, classes) probabilities, in the order of ``enc_ids``; batches of similar length."""
+    """(rows, classes) probabilities, in the order of ``enc_ids``; batches of similar length.
+    ``autocast``: the compute dtype the run trained and was scored in (bf16 autocast), so that
+    stage=eval reproduces the scores and the tuned threshold of training."""
+    from align.sampling import autocast_context
+
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
@@ -368,7 +403,8 @@ def predict(
                 max_length=max_length,
             )
             batch = {k: v.to(device) for k, v in batch.items()}
-            probs = class_logits(model, batch).softmax(-1).cpu()
+            with autocast_context(device, autocast):
+                probs = class_logits(model, batch, pooling).softmax(-1).cpu()
             for j, i in enumerate(idx):
                 out[i] = probs[j]
     finally:
@@ -596,7 +632,9 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
     # every row of the file is scored (data.max_eval_rows caps a training run's held-out split)
     rows = data.validate_rows(data.read_rows(str(source), cfg.data.split), "classify", cfg.data.columns)
     run_cfg = _cfg_from_run(cfg, art.run_dir, art.base_model)
-    model, tokenizer, _ = load_trained(run_cfg, art.adapter_dir, task="seq_cls", num_labels=labels.num_labels)
+    model, tokenizer, rt = load_trained(
+        run_cfg, art.adapter_dir, task="seq_cls", num_labels=labels.num_labels
+    )
     enc = encode(rows, tokenizer, labels, int(saved["max_length"]), saved.get("truncate", "middle"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     probs = predict(
@@ -606,6 +644,8 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
         batch_size=cfg.train.eval_batch_size,
         packing=bool(saved.get("packing")),
         max_length=int(saved["max_length"]),
+        pooling=saved.get("pooling", "last"),
+        autocast=rt.autocast_dtype,
     )
     threshold = saved.get("threshold")
     flat, details = metrics(enc.labels, probs, labels, threshold)

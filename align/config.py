@@ -313,6 +313,11 @@ class ClassifyLoss(str, Enum):
     focal = "focal"
 
 
+class Pooling(str, Enum):
+    last = "last"  # the head reads each example's last real token (what transformers' own pooling does)
+    mean = "mean"  # the head's output averaged over each example's tokens (= the head on mean-pooled states)
+
+
 class Truncate(str, Enum):
     end = "end"  # keep the first model.max_length tokens
     middle = "middle"  # keep the head and the tail, drop the middle
@@ -330,6 +335,9 @@ class ClassifyStageConfig:
     # adapter=prefix/prompt, whose peft forward cannot pass the block-diagonal mask through
     packing: bool | None = None
     truncate: Truncate = Truncate.middle  # texts over model.max_length lose their end or their middle
+    # last: the head on the last real token (exports as a plain AutoModelForSequenceClassification);
+    # mean: averaged over the example's tokens (predictions need align; docs/classify.md)
+    pooling: Pooling = Pooling.last
     threshold: float | None = None  # binary: decision threshold; null: the F1-maximising one on eval
     predictions: bool = True  # write predictions.jsonl (and W&B ROC/PR plots) for the eval split
 

@@ -280,7 +280,7 @@ def sample(
             merged_adapter(model, enabled=merge, dtype=autocast),
             torch.no_grad(),
             head_in_dtype(model, autocast),
-            _autocast(device, autocast),
+            autocast_context(device, autocast),
         ):
             done = _Decoder(model, prompt_ids, params, stop, pad_id, device, bs, bar.update).run(order)
     finally:
@@ -309,7 +309,7 @@ def _sample_prompt_learning(
     out: list[Completion] = []
     stop_set = set(stop)
     try:
-        with torch.no_grad(), _autocast(device, autocast):
+        with torch.no_grad(), autocast_context(device, autocast):
             for ids in tqdm(prompt_ids, desc=desc, unit="prompt", leave=False, disable=not progress):
                 x = torch.tensor([list(ids)], dtype=torch.long, device=device)
                 res = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
@@ -349,7 +349,7 @@ def _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress) -> 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _autocast(device, autocast):
+        with torch.no_grad(), autocast_context(device, autocast):
             for p, c in tqdm(seqs, desc=desc, unit="seq", leave=False, disable=not progress):
                 if not c:
                     out.append([])
@@ -365,7 +365,8 @@ def _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress) -> 
     return out
 
 
-def _autocast(device, dtype: torch.dtype | None):
+def autocast_context(device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context for None."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -732,7 +733,7 @@ def completion_logprobs(
             malloc.keep_freed_pages(),
             torch.no_grad(),
             head_in_dtype(model, autocast),
-            _autocast(device, autocast),
+            autocast_context(device, autocast),
         ):
             for start in tqdm(range(0, n, bs), desc=desc, unit="batch", leave=False, disable=not progress):
                 idx = order[start : start + bs]

@@ -95,6 +95,28 @@ def test_packed_logits_equal_unpacked_for_very_different_lengths(tiny_model):
     assert torch.allclose(padded, alone, atol=1e-4)  # and both are what transformers' own head gives
 
 
+def test_mean_pooling_is_the_head_on_mean_hidden_states_packed_or_not(tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
+    g = torch.Generator().manual_seed(1)
+    lengths = [1, 40, 7, 118, 3]
+    ex = [{"input_ids": torch.randint(5, 500, (n,), generator=g).tolist(), "label": 0} for n in lengths]
+    with torch.no_grad():
+        packed = classify.class_logits(model, classify.collate(ex, 3, packing=True, max_length=128), "mean")
+        padded = classify.class_logits(model, classify.collate(ex, 3), "mean")
+        by_hand = []
+        for e in ex:  # the head applied to the mean of the last layer's states, one example alone
+            out = model(input_ids=torch.tensor([e["input_ids"]]), output_hidden_states=True)
+            by_hand.append(model.score(out.hidden_states[-1][0].mean(0)))
+        last = classify.class_logits(model, classify.collate(ex, 3), "last")
+    by_hand = torch.stack(by_hand)
+    assert torch.allclose(padded, by_hand, atol=1e-4), (padded - by_hand).abs().max()
+    assert torch.allclose(packed, by_hand, atol=1e-4), (packed - by_hand).abs().max()
+    assert torch.allclose(last[0], padded[0], atol=1e-6)  # one token: mean == last
+    assert not torch.allclose(last[1:], padded[1:], atol=1e-3)
+
+
 def test_first_fit_decreasing_packing_respects_capacity():
     bins = classify.pack([100, 30, 70, 20, 90, 10], 128)
     assert sorted(i for b in bins for i in b) == list(range(6))
@@ -303,6 +325,46 @@ def test_label_mapping_and_threshold_survive_save_and_load(toy_run, tmp_path):
     )
     with pytest.raises(AlignError, match=r"bad.jsonl:2: unknown label 'maybe'"):
         execute(cfg, tmp_path / "eval-bad")
+
+
+def test_mean_pooling_learns_and_stage_eval_uses_it_and_export_refuses(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(192, 0, WORDS))
+    test = write_jsonl(tmp_path / "test.jsonl", toy_rows(64, 1, WORDS))
+    cols = ("data.columns.text=code", "data.columns.label=target")
+    cfg = compose(
+        "stage=classify",
+        *tiny_overrides(
+            tiny_model,
+            f"data.train={train}",
+            f"data.eval={test}",
+            "data.max_eval_rows=null",
+            *cols,
+            "train.max_steps=64",
+            "train.lr=1e-2",  # the signal is 1 token in 4-42: the mean needs a larger step than "last"
+            "classify.pooling=mean",
+        ),
+    )
+    m = execute(cfg, tmp_path / "run")
+    assert m["eval/roc_auc"] > 0.9, m
+    assert classify.read_classifier(tmp_path / "run")["pooling"] == "mean"
+    e = execute(
+        compose(
+            "stage=eval", "tracking=disabled", f"eval.model={tmp_path / 'run'}", f"data.eval={test}", *cols
+        ),
+        tmp_path / "eval",
+    )
+    # the saved pooling is used: the same scores, up to the adapter being merged in stage=eval
+    # (1e-6 in fp32; up to ~3e-3 under bf16 autocast, which both sides use where the CPU has it)
+    scores = [
+        {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
+        for d in (tmp_path / "run", tmp_path / "eval")
+    ]
+    assert scores[1] == pytest.approx(scores[0], abs=1e-2)
+    assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-2)
+    with pytest.raises(AlignError, match="classify.pooling=mean"):
+        execute(
+            compose("stage=export", "tracking=disabled", f"export.from={tmp_path / 'run'}"), tmp_path / "x"
+        )
 
 
 def test_class_weights_focal_and_full_finetuning_run(tiny_model, tmp_path):

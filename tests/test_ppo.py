@@ -203,7 +203,8 @@ def test_ppo_scores_a_rollout_where_the_reward_model_was_trained(tiny_model, tmp
     batch = trainer.make_batch(PROMPTS[:4])
 
     texts = rewards.reward_texts(tok, batch.ro.prompts, batch.ro.completions)
-    end_of_turn = tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False).split("x")[-1]
+    turn = tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+    end_of_turn = turn.split("x")[-1]
     assert end_of_turn and all(t.endswith(end_of_turn) for t in texts)
     seq_cls = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     seq_cls.config.pad_token_id = tok.pad_token_id

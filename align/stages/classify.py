@@ -39,7 +39,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     train_rows = all_rows[: training.needed_train_rows(cfg)]
     split.info["train_rows"] = len(train_rows)
     tokenizer = backbone.tokenizer_for(cfg)
-    truncate, max_len = c.truncate.value, cfg.model.max_length
+    truncate, max_len, pooling = c.truncate.value, cfg.model.max_length, c.pooling.value
     packing = classify_packing(cfg)
     train = classify.encode(train_rows, tokenizer, labels, max_len, truncate)
     held = classify.encode(eval_rows, tokenizer, labels, max_len, truncate)  # unknown labels fail here
@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         data_collator=classify.Collator(pad_id, packing, max_len),
         gamma=c.focal_gamma if c.loss.value == "focal" else 0.0,
         class_weights=class_weights,
+        pooling=pooling,
     )
     guard.train(ctx, trainer)  # checkpoints, SIGTERM/SIGINT, non-finite steps, resume
     metrics = training.train_metrics(trainer, since=started)
@@ -73,6 +74,8 @@ def run(ctx: StageContext) -> dict[str, float]:
             batch_size=cfg.train.eval_batch_size,
             packing=packing,
             max_length=max_len,
+            pooling=pooling,
+            autocast=bb.runtime.autocast_dtype,
         )
         ev, details = classify.metrics(held.labels, probs, labels, c.threshold)
         metrics |= ev | {"eval/loss": classify.eval_loss(probs, held.labels)}
@@ -96,6 +99,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "truncate": truncate,
         "max_length": max_len,
         "packing": packing,
+        "pooling": pooling,
         "loss": c.loss.value,
         "focal_gamma": float(c.focal_gamma),
         "class_weights": class_weights,

@@ -145,6 +145,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     task = "seq_cls" if art.stage in ("rm", "classify") else "causal_lm"
     labels = (art.manifest.get("data", {}).get("classifier") or {}).get("labels") or []
     num_labels = len(labels) if art.stage == "classify" else 1
+    pooling = (art.manifest.get("data", {}).get("classifier") or {}).get("pooling", "last")
+    if art.stage == "classify" and pooling != "last":
+        raise AlignError(
+            f"export.from={src}: this classifier was trained with classify.pooling={pooling}; "
+            "AutoModelForSequenceClassification reads the last token, so an exported model would predict "
+            f"differently. Score files with `python -m align stage=eval eval.model={art.run_dir} "
+            "data.eval=<file>`, or retrain with classify.pooling=last to export"
+        )
     if art.adapter_kind in PROMPT_LEARNING_KINDS:
         return _export_unmergeable(ctx, art, task)
     model, tokenizer = backbone.merged_model(_run_config(art), art.adapter_dir, task, num_labels=num_labels)
