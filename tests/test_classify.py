@@ -256,9 +256,8 @@ def toy_rows(n: int, seed: int, words: list[str]) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def toy_run(tiny_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
+def train_toy(tiny_model, d, *extra: str):
+    """stage=classify on the toy task in ``d``: (run dir, metrics, held-out file)."""
     train = write_jsonl(d / "train.jsonl", toy_rows(192, 0, WORDS))
     test = write_jsonl(d / "test.jsonl", toy_rows(64, 1, WORDS))
     cfg = compose(
@@ -270,13 +269,17 @@ def toy_run(tiny_model, tmp_path_factory):
             "data.max_eval_rows=null",
             "data.columns.text=code",
             "data.columns.label=target",
-            "train.max_steps=48",
-            "train.lr=3e-3",
-            "classify.packing=true",
+            *extra,
         ),
     )
     run_dir = d / "run"
     return run_dir, execute(cfg, run_dir), test
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    return train_toy(tiny_model, d, "train.max_steps=48", "train.lr=3e-3", "classify.packing=true")
 
 
 def test_a_tiny_model_learns_a_separable_task(toy_run):
@@ -328,43 +331,30 @@ def test_label_mapping_and_threshold_survive_save_and_load(toy_run, tmp_path):
 
 
 def test_mean_pooling_learns_and_stage_eval_uses_it_and_export_refuses(tiny_model, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(192, 0, WORDS))
-    test = write_jsonl(tmp_path / "test.jsonl", toy_rows(64, 1, WORDS))
-    cols = ("data.columns.text=code", "data.columns.label=target")
-    cfg = compose(
-        "stage=classify",
-        *tiny_overrides(
-            tiny_model,
-            f"data.train={train}",
-            f"data.eval={test}",
-            "data.max_eval_rows=null",
-            *cols,
-            "train.max_steps=64",
-            "train.lr=1e-2",  # the signal is 1 token in 4-42: the mean needs a larger step than "last"
-            "classify.pooling=mean",
-        ),
+    run_dir, m, test = train_toy(
+        tiny_model,
+        tmp_path,
+        "train.max_steps=64",
+        "train.lr=1e-2",  # the signal is 1 token in 4-42: the mean needs a larger step than "last"
+        "classify.pooling=mean",
     )
-    m = execute(cfg, tmp_path / "run")
+    cols = ("data.columns.text=code", "data.columns.label=target")
     assert m["eval/roc_auc"] > 0.9, m
-    assert classify.read_classifier(tmp_path / "run")["pooling"] == "mean"
+    assert classify.read_classifier(run_dir)["pooling"] == "mean"
     e = execute(
-        compose(
-            "stage=eval", "tracking=disabled", f"eval.model={tmp_path / 'run'}", f"data.eval={test}", *cols
-        ),
+        compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols),
         tmp_path / "eval",
     )
     # the saved pooling is used: the same scores, up to the adapter being merged in stage=eval
     # (1e-6 in fp32; up to ~3e-3 under bf16 autocast, which both sides use where the CPU has it)
     scores = [
         {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
-        for d in (tmp_path / "run", tmp_path / "eval")
+        for d in (run_dir, tmp_path / "eval")
     ]
     assert scores[1] == pytest.approx(scores[0], abs=1e-2)
     assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-2)
     with pytest.raises(AlignError, match="classify.pooling=mean"):
-        execute(
-            compose("stage=export", "tracking=disabled", f"export.from={tmp_path / 'run'}"), tmp_path / "x"
-        )
+        execute(compose("stage=export", "tracking=disabled", f"export.from={run_dir}"), tmp_path / "x")
 
 
 def test_class_weights_focal_and_full_finetuning_run(tiny_model, tmp_path):
