@@ -38,7 +38,11 @@ METHODS = [
     # ORPO is SFT and preference optimisation in one stage: it starts from the base
     ("ORPO (from base)", [("orpo", [])]),
     ("SFT -> SimPO", [("sft", []), ("simpo", ["simpo.init={sft}"])]),
-    ("SFT -> RM -> PPO", [("sft", []), ("rm", []), ("ppo", ["ppo.policy={sft}", "ppo.reward={rm}"])]),
+    # the reward model starts from the SFT run, as stage=rlhf does by default (rlhf.rm_from_sft)
+    (
+        "SFT -> RM -> PPO",
+        [("sft", []), ("rm", ["rm.init={sft}"]), ("ppo", ["ppo.policy={sft}", "ppo.reward={rm}"])],
+    ),
     ("SFT -> GRPO (judge:ifeval)", [("sft", []), ("grpo", ["grpo.init={sft}", "grpo.reward=judge:ifeval"])]),
 ]
 COLUMNS = [
