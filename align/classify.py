@@ -274,15 +274,14 @@ def class_logits(model, batch: dict[str, torch.Tensor], pooling: str = "last") -
     rows, last = batch["row_index"], batch["last_index"] + offset
     if pooling == "last":
         return per_token[rows, last].float()
-    # each example's tokens gathered and summed on their own (a running sum over a packed row
-    # would make an example's mean depend, in the last bits, on what precedes it in the row)
+    # each example sums only its own tokens (a running sum over a packed row would make its
+    # mean depend, in the last bits, on what precedes it in the row)
     first = batch["first_index"] + offset
-    n = last - first + 1
-    example = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
-    position = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
-    tokens = per_token[rows[example], first[example] + position].float()
-    sums = tokens.new_zeros(len(n), tokens.size(-1)).index_add_(0, example, tokens)
-    return sums / n.to(sums.dtype)[:, None]
+    at = torch.arange(per_token.size(1), device=per_token.device)
+    own = (at >= first[:, None]) & (at <= last[:, None])  # (examples, width)
+    tokens = per_token[rows].float()  # (examples, width, classes): small, classes is K
+    sums = torch.where(own[..., None], tokens, 0.0).sum(1)
+    return sums / own.sum(1, keepdim=True).to(sums.dtype)
 
 
 def classification_loss(

@@ -88,11 +88,11 @@ def reward_texts(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[A
 
 def encode_right_padded(tokenizer: Any, texts: Sequence[str], device: Any = "cpu"):
     """(input_ids, attention_mask) of ``texts`` (no special tokens added), right-padded with the
-    tokenizer's pad id, whatever its ``padding_side``."""
+    tokenizer's pad id (backbone.load_tokenizer always sets one), whatever its ``padding_side``."""
     import torch
 
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     width = max(map(len, ids))
     out = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

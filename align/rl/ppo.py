@@ -301,18 +301,13 @@ class PPOTrainer:
         # template's end of turn after the completion) at the token its score was trained at
         # (rewards.score_index), not at the sampled EOS: there its score is untrained noise
         texts = rewards.reward_texts(self.tokenizer, ro.prompts, ro.completions)
-        pad_id = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
+        head = self.models.score_head
         parts = []
         with self.models.active("reward") as model:
             for idx in self._chunks(len(texts)):
                 ids, mask = rewards.encode_right_padded(self.tokenizer, [texts[i] for i in idx], self.device)
                 hidden = rollout.hidden_states(model, ids, mask)
-                at = rewards.score_index(ids, pad_id)
-                head = self.models.score_head
+                at = rewards.score_index(ids, self.tokenizer.pad_token_id)
                 parts.append(head(hidden[torch.arange(len(at)), at].to(head.weight.dtype)).squeeze(-1))
         return torch.cat(parts).float()
 

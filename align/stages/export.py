@@ -143,9 +143,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     if art.adapter_dir is None:
         raise AlignError(f"export.from={src}: stage={art.stage} has no trained weights to export")
     task = "seq_cls" if art.stage in ("rm", "classify") else "causal_lm"
-    labels = (art.manifest.get("data", {}).get("classifier") or {}).get("labels") or []
+    classifier = art.manifest.get("data", {}).get("classifier") or {}
+    labels = classifier.get("labels") or []
     num_labels = len(labels) if art.stage == "classify" else 1
-    pooling = (art.manifest.get("data", {}).get("classifier") or {}).get("pooling", "last")
+    pooling = classifier.get("pooling", "last")
     if art.stage == "classify" and pooling != "last":
         raise AlignError(
             f"export.from={src}: this classifier was trained with classify.pooling={pooling}; "
