@@ -275,6 +275,18 @@ class Loaded:
     device: str
     cfg: Any  # the config with the evaluated run's model/adapter sections
     info: dict[str, Any]
+    autocast: Any = None  # bf16 mixed precision of the evaluated run's runtime (train.autocast)
+
+    def __post_init__(self):
+        self.info["precision"] = "bf16 autocast" if self.autocast is not None else "no autocast (the weights' dtype)"
+
+    def precision(self):
+        """Every generation and scoring forward of the report runs under it: the run's
+        ``train.autocast`` (bf16 where the hardware computes it natively, as the run trained;
+        ``train.autocast=none`` on the eval command pins fp32)."""
+        from align.sampling import autocast_context
+
+        return autocast_context(self.device, self.autocast)
 
 
 def _cfg_from_run(cfg: Any, run_dir: Path, base_model: str) -> Any:
@@ -320,7 +332,7 @@ def load(cfg: Any, spec: str) -> Loaded:
         info |= {"kind": "base", "base_model": cfg.model.name_or_path}
         if want_baseline:
             log.info("eval.model=base: the model is the baseline; no side-by-side comparison")
-        return Loaded(Subject("model", model), None, None, None, None, tok, rt.device, cfg, info)
+        return Loaded(Subject("model", model), None, None, None, None, tok, rt.device, cfg, info, rt.autocast_dtype)
 
     if path.is_dir() and (path / artifacts.MANIFEST).is_file():
         art = artifacts.read(path, key="eval.model")
@@ -355,6 +367,7 @@ def load(cfg: Any, spec: str) -> Loaded:
                 rt.device,
                 run_cfg,
                 info,
+                rt.autocast_dtype,
             )
         base = backbone.load_base_model(base_path, run_cfg, rt)
         model = backbone.load_adapter(base, art.adapter_dir, trainable=False)
@@ -383,6 +396,7 @@ def load(cfg: Any, spec: str) -> Loaded:
             rt.device,
             run_cfg,
             info,
+            rt.autocast_dtype,
         )
 
     # a model directory or a hub id: a full model, compared with the configured base
@@ -404,7 +418,7 @@ def load(cfg: Any, spec: str) -> Loaded:
     if want_baseline:
         base_path = backbone.resolve_model_path(cfg.model)
         ref = Subject("baseline", backbone.load_base_model(base_path, cfg, rt))
-    return Loaded(Subject("model", model), ref, ref, None, None, tok, rt.device, cfg, info)
+    return Loaded(Subject("model", model), ref, ref, None, None, tok, rt.device, cfg, info, rt.autocast_dtype)
 
 
 # --------------------------------------------------------------------------- data
@@ -603,19 +617,20 @@ def check_forgetting(
     base = L.kl_ref
     t0 = time.time()
     texts, prompts, qa, info = general_rows(cfg)
-    m, lost = forgetting_metrics(
-        base,
-        L.model,
-        L.tokenizer,
-        texts,
-        prompts,
-        qa,
-        max_length=int(L.cfg.model.max_length),
-        max_new_tokens=int(e.general_new_tokens),
-        batch_size=int(e.batch_size),
-        device=L.device,
-        cache=cache,
-    )
+    with L.precision():
+        m, lost = forgetting_metrics(
+            base,
+            L.model,
+            L.tokenizer,
+            texts,
+            prompts,
+            qa,
+            max_length=int(L.cfg.model.max_length),
+            max_new_tokens=int(e.general_new_tokens),
+            batch_size=int(e.batch_size),
+            device=L.device,
+            cache=cache,
+        )
     section = {
         "verdict": forgetting_verdict(m),
         "data": info,
@@ -630,12 +645,12 @@ def check_forgetting(
 
 
 def _pair_logps(
-    subject: Subject, ids: list[tuple[list[int], list[int]]], batch_size: int, device: str
+    L: Loaded, subject: Subject, ids: list[tuple[list[int], list[int]]], batch_size: int
 ) -> list[float]:
-    with subject.active() as m:
+    with subject.active() as m, L.precision():
         return [
             sum(x)
-            for x in token_logps(m, ids, batch_size=batch_size, device=device, desc=f"pairs {subject.label}")
+            for x in token_logps(m, ids, batch_size=batch_size, device=L.device, desc=f"pairs {subject.label}")
         ]
 
 
@@ -652,7 +667,7 @@ def _generate_for(s: Subject, L: Loaded, prompts: list[dict], cfg: Any, desc: st
 
     e = cfg.eval
     torch.manual_seed(cfg.seed)
-    with s.active() as m:
+    with s.active() as m, L.precision():
         return generate(
             m,
             L.tokenizer,
@@ -673,9 +688,9 @@ def _kl_to_base(L: Loaded, gens: list[Generation], bs: int) -> dict[str, float]:
     seqs = [(g.prompt_ids, g.ids) for g in gens if g.ids]
     lp_model = [g.logprobs for g in gens if g.ids]
     if any(lp is None for lp in lp_model):  # sampled, not greedy: no log-probs from decoding
-        with L.model.active() as m:
+        with L.model.active() as m, L.precision():
             lp_model = token_logps(m, seqs, batch_size=bs, device=L.device)
-    with L.kl_ref.active() as m:
+    with L.kl_ref.active() as m, L.precision():
         lp_ref = token_logps(m, seqs, batch_size=bs, device=L.device)
     return kl_metrics(lp_model, lp_ref)
 
@@ -767,14 +782,14 @@ def run(
         chosen, rejected = _pair_ids(L, pairs)
         logps: dict[str, tuple[list[float], list[float]]] = {}
         for s in subjects:
-            logps[s.label] = (_pair_logps(s, chosen, bs, L.device), _pair_logps(s, rejected, bs, L.device))
+            logps[s.label] = (_pair_logps(L, s, chosen, bs), _pair_logps(L, s, rejected, bs))
             results[s.label] |= preference_metrics(*logps[s.label])
         if L.dpo_ref is not None and L.dpo_beta is not None:
             ref = logps.get(L.dpo_ref.label) if L.dpo_ref.label in logps else None
             if ref is None:
                 ref = (
-                    _pair_logps(L.dpo_ref, chosen, bs, L.device),
-                    _pair_logps(L.dpo_ref, rejected, bs, L.device),
+                    _pair_logps(L, L.dpo_ref, chosen, bs),
+                    _pair_logps(L, L.dpo_ref, rejected, bs),
                 )
             results["model"] |= _dpo_reward(L, logps["model"], ref)
         timing["time/pairs_s"] = round(time.time() - t0, 1)
@@ -958,13 +973,13 @@ def run_many(cfg: Any, out_dir: str | Path, tracker: Any, specs: list[str]) -> d
             del gens
         if pairs:
             chosen, rejected = _pair_ids(L, pairs)
-            lp = (_pair_logps(L.model, chosen, bs, L.device), _pair_logps(L.model, rejected, bs, L.device))
+            lp = (_pair_logps(L, L.model, chosen, bs), _pair_logps(L, L.model, rejected, bs))
             m |= preference_metrics(*lp)
             row["pair_wins"] = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(*lp, strict=True)]
             if L.dpo_ref is not None and L.dpo_beta is not None:
                 ref = (
-                    _pair_logps(L.dpo_ref, chosen, bs, L.device),
-                    _pair_logps(L.dpo_ref, rejected, bs, L.device),
+                    _pair_logps(L, L.dpo_ref, chosen, bs),
+                    _pair_logps(L, L.dpo_ref, rejected, bs),
                 )
                 m |= _dpo_reward(L, lp, ref)
         fm, row["forgetting"] = check_forgetting(
@@ -1265,6 +1280,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- model: `{info.get('spec')}` ({info.get('kind')}{', stage=' + info['stage'] if info.get('stage') else ''})",
         f"- base model: `{info.get('base_model')}`",
         f"- baseline: {'the base model (adapters disabled)' if report['baseline'] else 'none'}",
+        f"- precision: {info.get('precision', 'not recorded')} (train.autocast)",
         f"- held-out data: {report['data'].get('prompt_rows')} prompts ({report['data'].get('prompts')}), "
         f"{report['data'].get('pair_rows')} pairs ({report['data'].get('pairs')})",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),

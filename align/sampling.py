@@ -106,7 +106,10 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             layers = []
     saved: list[tuple[Any, torch.Tensor, list[str]]] = []
     try:
-        with torch.no_grad():
+        # the merge itself is exact whatever autocast the caller runs under (peft's B @ A would
+        # otherwise run in bf16 inside one); only the stored copy takes ``dtype``
+        kind = layers[0][0].get_base_layer().weight.device.type if layers else "cpu"
+        with torch.no_grad(), torch.autocast(kind, enabled=False):
             for layer, names in layers:
                 weight = layer.get_base_layer().weight
                 merged = weight.data.clone()
@@ -255,7 +258,8 @@ def sample(
     Greedy when ``params.temperature == 0``: the tokens are exactly ``model.generate``'s,
     and each comes with its log-prob. Otherwise sampled with transformers' warpers and
     ``torch.multinomial``. ``batch_size=0`` sizes batches by memory (:func:`auto_batch_size`).
-    ``autocast``: compute dtype over the weights (bf16 mixed precision, Runtime.autocast_dtype).
+    ``autocast``: compute dtype over the weights (bf16 mixed precision, Runtime.autocast_dtype;
+    None: the autocast the caller runs under, if any, :func:`ambient_autocast`).
     """
     from tqdm.auto import tqdm
 
@@ -264,6 +268,7 @@ def sample(
     n = len(prompt_ids)
     if n == 0:
         return []
+    autocast = ambient_autocast(device, autocast)
     if is_prompt_learning(model):
         return _sample_prompt_learning(
             model, prompt_ids, params, stop, pad_id, device, autocast, desc, progress
@@ -370,6 +375,16 @@ def autocast_context(device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def ambient_autocast(device, dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """``dtype`` if given, else the dtype of an autocast the caller already runs under on
+    ``device`` (None outside autocast): sampling and scoring called inside ``torch.autocast``
+    then keep the merged weights and the LM head in that dtype, as if it had been passed."""
+    if dtype is not None:
+        return dtype
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,6 +736,7 @@ def completion_logprobs(
     out: list[list[float] | None] = [None] * n
     if n == 0:
         return []
+    autocast = ambient_autocast(device, autocast)
     if is_prompt_learning(model):
         return _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress)
     order = sorted(range(n), key=lambda i: (len(seqs[i][0]) + len(seqs[i][1]), len(seqs[i][1])))

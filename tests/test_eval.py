@@ -294,6 +294,49 @@ def test_train_eval_at_end_writes_the_report_into_the_training_run(tiny_model, t
         assert saved["eval/ifeval/prompts"] == 2 and "train/loss" in saved, name
 
 
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+def test_eval_runs_at_the_precision_of_the_run(tiny_model, tmp_path, monkeypatch, autocast):
+    """Generation, KL and pair scoring of stage=eval run under train.autocast, as training does
+    (bf16 forced here, emulated where the CPU lacks it, so the test holds on every CPU), and
+    eval.json / report.md say which precision the figures were measured at."""
+    import torch
+
+    from align import sampling
+
+    seen = []
+    real_sample, real_logprobs = sampling.sample, sampling.completion_logprobs
+
+    def sample(*a, **k):
+        seen.append(("sample", sampling.ambient_autocast("cpu", k.get("autocast"))))
+        return real_sample(*a, **k)
+
+    def logprobs(*a, **k):
+        seen.append(("logprobs", sampling.ambient_autocast("cpu", k.get("autocast"))))
+        return real_logprobs(*a, **k)
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    monkeypatch.setattr(sampling, "completion_logprobs", logprobs)
+    run = tmp_path / "sft"
+    execute(compose("stage=sft", *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=1")), run)
+    cfg = compose(
+        "stage=eval",
+        *tiny_overrides(tiny_model, f"eval.model={run}", f"train.autocast={autocast}"),
+        "eval.max_prompts=2",
+        "eval.max_pairs=2",
+        "eval.max_new_tokens=4",
+        "eval.max_general=2",
+    )
+    seen.clear()
+    execute(cfg, tmp_path / "eval")
+    want = torch.bfloat16 if autocast == "bf16" else None
+    kinds = {k for k, _ in seen}
+    assert kinds == {"sample", "logprobs"} and all(d is want for _, d in seen), seen
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    label = "bf16 autocast" if autocast == "bf16" else "no autocast (the weights' dtype)"
+    assert report["model"]["precision"] == label
+    assert f"- precision: {label}" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_eval_refuses_a_reward_model_run_and_bad_keys(tiny_model, tmp_path):
     fake = tmp_path / "rm"
     fake.mkdir()

@@ -172,6 +172,33 @@ def test_head_copy_in_the_autocast_dtype_gives_autocasts_logits_to_the_bit(lora_
     assert [c.logprobs for c in fast] == [c.logprobs for c in slow]
 
 
+def test_sampling_inside_an_autocast_takes_its_dtype(lora_model, monkeypatch):
+    """Called inside ``torch.autocast`` without ``autocast=``, sample() and
+    completion_logprobs() run as if the autocast dtype had been passed (merged copy and head in
+    bf16): the same tokens and log-probs to the bit; outside any autocast, nothing is cast."""
+    model, tok = lora_model
+    seen = []
+    real = sampling.head_in_dtype
+    monkeypatch.setattr(sampling, "head_in_dtype", lambda m, d: seen.append(d) or real(m, d))
+    assert sampling.ambient_autocast("cpu") is None
+    assert sampling.ambient_autocast("cpu", torch.float16) is torch.float16  # explicit wins
+    params = sampling.SamplingParams(max_new_tokens=8)
+    kw = dict(stop=[-1], pad_id=tok.pad_token_id, progress=False)
+    passed = sampling.sample(model, encode(tok), params, autocast=torch.bfloat16, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sampling.ambient_autocast("cpu") is torch.bfloat16
+        ambient = sampling.sample(model, encode(tok), params, **kw)
+        seqs = [(c.prompt_ids, c.ids) for c in ambient]
+        lp_ambient = sampling.completion_logprobs(model, seqs, progress=False)
+    lp_passed = sampling.completion_logprobs(model, seqs, autocast=torch.bfloat16, progress=False)
+    assert seen == [torch.bfloat16] * 4
+    assert [c.ids for c in ambient] == [c.ids for c in passed]
+    assert [c.logprobs for c in ambient] == [c.logprobs for c in passed]
+    assert lp_ambient == lp_passed
+    sampling.sample(model, encode(tok), params, **kw)
+    assert seen[-1] is None
+
+
 def test_merge_is_skipped_when_the_copy_does_not_fit(lora_model, monkeypatch):
     model, _ = lora_model
     monkeypatch.setattr(sampling, "available_memory", lambda device: 1)
