@@ -30,7 +30,9 @@ needs_jemalloc = pytest.mark.skipif(
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF") and "ALIGN_" not in k
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LD_PRELOAD", "MALLOC_CONF", *malloc.KERNEL_CACHES) and "ALIGN_" not in k
     }
     env.update(extra)
     return env
@@ -47,6 +49,18 @@ def probe(*args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict | N
     )
     line = next((x for x in r.stdout.splitlines() if x.startswith("{")), None)
     return r, json.loads(line) if line else None
+
+
+@pytest.mark.parametrize("mode", ["auto", "system"])
+def test_kernel_caches_are_capped_unless_the_user_set_them(mode):
+    """Every align process starts with torch's CPU kernel caches capped (they grow with every
+    new matmul shape under bf16 autocast); a value the user exported is kept."""
+    r, info = probe(ALIGN_MALLOC=mode)
+    assert r.returncode == 0 and info is not None, r.stderr
+    assert info["kernel_caches"] == malloc.KERNEL_CACHES
+    r, info = probe(ALIGN_MALLOC=mode, LRU_CACHE_CAPACITY="512")
+    assert info["kernel_caches"]["LRU_CACHE_CAPACITY"] == "512"
+    assert info["kernel_caches"]["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
 
 
 @needs_jemalloc
