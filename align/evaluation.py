@@ -278,7 +278,9 @@ class Loaded:
     autocast: Any = None  # bf16 mixed precision of the evaluated run's runtime (train.autocast)
 
     def __post_init__(self):
-        self.info["precision"] = "bf16 autocast" if self.autocast is not None else "no autocast (the weights' dtype)"
+        self.info["precision"] = (
+            "bf16 autocast" if self.autocast is not None else "no autocast (the weights' dtype)"
+        )
 
     def precision(self):
         """Every generation and scoring forward of the report runs under it: the run's
@@ -332,7 +334,9 @@ def load(cfg: Any, spec: str) -> Loaded:
         info |= {"kind": "base", "base_model": cfg.model.name_or_path}
         if want_baseline:
             log.info("eval.model=base: the model is the baseline; no side-by-side comparison")
-        return Loaded(Subject("model", model), None, None, None, None, tok, rt.device, cfg, info, rt.autocast_dtype)
+        return Loaded(
+            Subject("model", model), None, None, None, None, tok, rt.device, cfg, info, rt.autocast_dtype
+        )
 
     if path.is_dir() and (path / artifacts.MANIFEST).is_file():
         art = artifacts.read(path, key="eval.model")
@@ -650,7 +654,9 @@ def _pair_logps(
     with subject.active() as m, L.precision():
         return [
             sum(x)
-            for x in token_logps(m, ids, batch_size=batch_size, device=L.device, desc=f"pairs {subject.label}")
+            for x in token_logps(
+                m, ids, batch_size=batch_size, device=L.device, desc=f"pairs {subject.label}"
+            )
         ]
 
 

@@ -304,18 +304,18 @@ def test_eval_runs_at_the_precision_of_the_run(tiny_model, tmp_path, monkeypatch
     from align import sampling
 
     seen = []
-    real_sample, real_logprobs = sampling.sample, sampling.completion_logprobs
 
-    def sample(*a, **k):
-        seen.append(("sample", sampling.ambient_autocast("cpu", k.get("autocast"))))
-        return real_sample(*a, **k)
+    def recording(name: str):
+        real = getattr(sampling, name)
 
-    def logprobs(*a, **k):
-        seen.append(("logprobs", sampling.ambient_autocast("cpu", k.get("autocast"))))
-        return real_logprobs(*a, **k)
+        def call(*a, **k):
+            seen.append((name, sampling.ambient_autocast("cpu", k.get("autocast"))))
+            return real(*a, **k)
 
-    monkeypatch.setattr(sampling, "sample", sample)
-    monkeypatch.setattr(sampling, "completion_logprobs", logprobs)
+        monkeypatch.setattr(sampling, name, call)
+
+    recording("sample")
+    recording("completion_logprobs")
     run = tmp_path / "sft"
     execute(compose("stage=sft", *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=1")), run)
     cfg = compose(
@@ -330,7 +330,7 @@ def test_eval_runs_at_the_precision_of_the_run(tiny_model, tmp_path, monkeypatch
     execute(cfg, tmp_path / "eval")
     want = torch.bfloat16 if autocast == "bf16" else None
     kinds = {k for k, _ in seen}
-    assert kinds == {"sample", "logprobs"} and all(d is want for _, d in seen), seen
+    assert kinds == {"sample", "completion_logprobs"} and all(d is want for _, d in seen), seen
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     label = "bf16 autocast" if autocast == "bf16" else "no autocast (the weights' dtype)"
     assert report["model"]["precision"] == label
