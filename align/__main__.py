@@ -87,6 +87,7 @@ def main() -> None:
         print(f"align: error: {e}", file=sys.stderr)
         sys.exit(2)
     hydra.main(version_base=None, config_path=config_dir(), config_name="config")(run)()
+    runs.leave_process_group()  # every rank got here: no collective is pending
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -54,6 +55,21 @@ def output_root() -> Path:
 
 def main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def leave_process_group() -> None:
+    """After every rank finished its work: meet, then tear the process group down.
+
+    A rank that exits with the group still up leaves gloo's worker threads to the interpreter's
+    finalisation, which now and then aborts it ("terminate called without an active exception",
+    SIGABRT) after a run that succeeded. Called on success only: a rank that failed may leave
+    the others inside a collective, where a barrier would hang.
+    """
+    dist = sys.modules.get("torch.distributed")  # nothing to do (and no torch import) otherwise
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -102,3 +102,20 @@ def test_two_process_ppo_rolls_out_on_both_ranks_and_keeps_them_in_sync(tiny_mod
     assert history[-1]["train/episodes"] == 16
     assert all(abs(h["objective/kl"]) < 10 for h in history)
     assert (run_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_leave_process_group_tears_the_group_down_after_a_barrier(tmp_path):
+    """A rank that exits with its gloo group still up can abort in the interpreter's
+    finalisation (SIGABRT after a successful run, seen in CI): the entry point tears it down."""
+    import torch.distributed as dist
+
+    from align import runs
+
+    runs.leave_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        runs.leave_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
