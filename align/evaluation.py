@@ -1073,6 +1073,10 @@ def _many_report(cfg, rows, base, prompts, pairs, data_info, max_len, started) -
                 "per_type": r["per_type"],
                 "forgetting": r["forgetting"],
                 "time_s": r["seconds"],
+                # per-item outcomes, in the order of the held-out rows: paired comparisons between
+                # any two rows (examples/results_table.py compares each method with its SFT start)
+                "passed": r.get("passed"),
+                "pair_wins": r.get("pair_wins"),
             }
             for r in rows
         ],

@@ -1,16 +1,20 @@
 """Results table: base, SFT, SFT->DPO, SFT->KTO, ORPO, SFT->SimPO, SFT->RM->PPO and SFT->GRPO on
-the embedded SmolLM2-135M, each trained for a fixed budget and then evaluated by stage=eval on
-the same held-out data.
+the embedded SmolLM2-135M, each trained (by default at its stage's own defaults, as the bare
+``python -m align stage=<name>`` runs) and then evaluated together by one ``stage=eval
+eval.model=[base,<run>,...]`` on the same held-out prompts and pairs: a paired comparison.
 
-    .venv/bin/python examples/results_table.py --minutes 10          # hours of CPU in all
+    .venv/bin/python examples/results_table.py                       # stage defaults, 200 prompts (~1.5 h)
+    .venv/bin/python examples/results_table.py --minutes 10          # ~10 min of training per stage
     .venv/bin/python examples/results_table.py --steps sft=60,dpo=40,rm=30,ppo=5,grpo=24
     .venv/bin/python examples/results_table.py --smoke               # 1-2 steps each, data=tiny
 
 Every step shells out to ``python -m align ...`` (the same commands a user types), into
 ``--out`` (default ``outputs/results/<time>``), and the table is written to
-``<out>/results.md`` and printed. The budget per method is ``--minutes`` of training: the
-number of steps is estimated from a timed short probe run of that stage (``--probe-steps``
-steps, startup subtracted by a 1-step run) unless ``--steps`` fixes it for all stages.
+``<out>/results.md`` and printed. With ``--minutes`` the number of steps is estimated from a
+timed short probe run of that stage (``--probe-steps`` steps, startup subtracted by a 1-step
+run); ``--steps`` fixes it. Each method's prompt-level difference to the SFT run it starts from
+(and to the base) comes with the 95% band of a paired difference on that many prompts; a
+difference outside it is marked as larger than the noise.
 """
 
 from __future__ import annotations
@@ -82,12 +86,15 @@ def align(args: list[str], run_dir: Path, log: Path) -> float:
     return time.time() - t0
 
 
-def steps_for(stage: str, common: list[str], opts, out: Path, log: Path) -> int:
-    """Training steps that fit ``--minutes``: time a 1-step and a probe run of the stage."""
+def steps_for(stage: str, common: list[str], opts, out: Path, log: Path) -> int | None:
+    """Training steps: fixed by ``--steps``, the stage's default (None) without ``--minutes``, else
+    what fits ``--minutes`` (time a 1-step and a probe run of the stage)."""
     if stage in opts.steps:
         return opts.steps[stage]
     if "*" in opts.steps:
         return opts.steps["*"]
+    if opts.minutes is None:  # the stage's own default
+        return None
     if stage == "sft" and "sft" in opts._cache:
         return opts._cache["sft"]
     extra = {"ppo": ["ppo.reward=judge:ifeval"]}.get(stage, [])
@@ -114,7 +121,12 @@ def parse_steps(text: str) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per stage of each method")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training budget per stage of each method (default: each stage's own train.max_steps)",
+    )
     ap.add_argument(
         "--steps",
         type=parse_steps,
@@ -125,6 +137,8 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="data=tiny, 1-2 steps, 4 eval prompts: proves the pipeline"
     )
+    ap.add_argument("--prompts", type=int, default=200, help="held-out prompts every model answers")
+    ap.add_argument("--pairs", type=int, default=None, help="held-out pairs (default: stage=eval's)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="method names to run (default: all)")
     ap.add_argument(
@@ -137,10 +151,11 @@ def main() -> None:
     log = out / "commands.log"
     common = ["tracking=disabled" if opts.smoke else "tracking=offline", *opts.overrides]
     train_extra: dict[str, list[str]] = {}
-    evaluate = ["eval.baseline=none"]
+    evaluate = [f"eval.max_prompts={opts.prompts}"]
+    evaluate += [] if opts.pairs is None else [f"eval.max_pairs={opts.pairs}"]
     if opts.smoke:
         opts.steps = opts.steps or {"*": 2}
-        evaluate += ["eval.max_prompts=4", "eval.max_pairs=8", "eval.max_new_tokens=16"]
+        evaluate = ["eval.max_prompts=4", "eval.max_pairs=8", "eval.max_new_tokens=16"]
         train_extra = {
             "sft": ["data=tiny"],
             "dpo": ["data=tiny"],
@@ -174,23 +189,66 @@ def main() -> None:
                 continue
             steps = steps_for(stage, common + train_extra.get(stage, []), opts, out, log)
             run_dir = out / "-".join(prefix)
-            args = [f"stage={stage}", *common, *train_extra.get(stage, []), f"train.max_steps={steps}"]
+            args = [f"stage={stage}", *common, *train_extra.get(stage, [])]
+            args += [] if steps is None else [f"train.max_steps={steps}"]
             args += [x.format(**{k: str(v) for k, v in dirs.items()}) for x in extra]
             took[prefix] = align(args, run_dir, log)
             wall += took[prefix]
             dirs[stage] = done[prefix] = run_dir
-        target = str(dirs[chain[-1][0]]) if chain else "base"
-        eval_dir = out / ("eval-" + ("-".join(prefix) if prefix else "base"))
-        eval_wall = align(["stage=eval", *common, f"eval.model={target}", *evaluate], eval_dir, log)
-        report = json.loads((eval_dir / "eval.json").read_text())
+        start = str(dirs["sft"]) if "sft" in dirs and chain[-1][0] != "sft" else None
         rows.append(
-            {"method": name, "metrics": report["flat"], "train_s": wall, "eval_s": eval_wall, "dir": target}
+            {
+                "method": name,
+                "spec": str(dirs[chain[-1][0]]) if chain else "base",
+                "from": start,
+                "train_s": wall,
+            }
         )
+
+    # one stage=eval for every model: the same prompts and pairs, outcome by outcome
+    specs = [r["spec"] for r in rows if "spec" in r]
+    if specs:
+        eval_dir = out / "eval"
+        eval_args = [
+            "stage=eval",
+            *common,
+            f"eval.model=[{','.join(specs)}]",
+            "eval.baseline=none",
+            *evaluate,
+        ]
+        align(eval_args, eval_dir, log)
+        report = json.loads((eval_dir / "eval.json").read_text())
+        by_spec = {m["spec"]: m for m in report["models"]}
+        for r in rows:
+            if "spec" in r:
+                r["eval"] = by_spec[r["spec"]]
+                r["vs_sft"] = versus(r["eval"], by_spec.get(r["from"]))
+                r["vs_base"] = versus(r["eval"], by_spec.get("base")) if r["spec"] != "base" else None
 
     table = render(rows, opts)
     (out / "results.md").write_text(table)
     print("\n" + table)
     print(f"(written to {out / 'results.md'})")
+
+
+def versus(row: dict, start: dict | None) -> tuple[float, float] | None:
+    """Prompt-level difference of ``row`` to ``start`` (points) and the half-width of its paired
+    95% band (``align.evaluation.paired_band``: the same prompts, outcome by outcome)."""
+    if start is None or start is row or not row.get("passed") or not start.get("passed"):
+        return None
+    from align.evaluation import paired_band
+
+    a, b = row["passed"], start["passed"]
+    return 100 * (sum(a) - sum(b)) / len(a), 100 * paired_band(a, b)
+
+
+def show_delta(d: tuple[float, float] | None) -> str:
+    """``+9.5 ± 6.1`` in bold when the difference is larger than its band (not noise)."""
+    if d is None:
+        return "-"
+    delta, band = d
+    text = f"{delta:+.1f} ± {band:.1f}"
+    return f"**{text}**" if abs(delta) > band else text
 
 
 def budget(opts) -> str:
@@ -200,32 +258,53 @@ def budget(opts) -> str:
     if fixed:
         chosen = [chain for name, chain in METHODS if not opts.only or name in opts.only]
         probed = {s for chain in chosen for s, _ in chain} - set(opts.steps)
-        rest = f" (others sized to {opts.minutes:g} min)" if probed else ""
+        rest = (
+            ""
+            if not probed
+            else f" (others at {'their defaults' if opts.minutes is None else f'{opts.minutes:g} min'})"
+        )
         return f"training steps per stage: {fixed}{rest}"
+    if opts.minutes is None:
+        return "each stage at its own defaults"
     return f"{opts.minutes:g} min training budget per stage"
 
 
 def render(rows: list[dict], opts) -> str:
-    head = "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " | train wall time | eval wall time |"
+    extra = ["prompt-level vs its SFT start (pts, paired 95%)", "vs base", "train wall time", "eval time"]
+    head = "| method | " + " | ".join([c for c, _, _ in COLUMNS] + extra) + " |"
+    n = next((len(r["eval"]["passed"]) for r in rows if r.get("eval", {}).get("passed")), 0)
     lines = [
         f"Held-out results ({'SMOKE RUN: data=tiny, 2 steps, 4 prompts; not a result' if opts.smoke else ''}"
         f"{'' if opts.smoke else budget(opts)}; "
-        "strict judges on reward_data/prompts_test.jsonl, preference accuracy on pairs_test.jsonl)",
+        f"strict judges on {n} prompts of reward_data/prompts_test.jsonl, preference accuracy on "
+        "pairs_test.jsonl; every model on the same prompts)",
         "",
         head,
-        "|" + "---|" * (len(COLUMNS) + 3),
+        "|" + "---|" * (len(COLUMNS) + len(extra) + 1),
     ]
     for r in rows:
         if "todo" in r:
-            lines.append(f"| {r['method']} ({r['todo']}) | " + " | ".join(["-"] * (len(COLUMNS) + 2)) + " |")
+            lines.append(
+                f"| {r['method']} ({r['todo']}) | " + " | ".join(["-"] * (len(COLUMNS) + len(extra))) + " |"
+            )
             continue
-        m = r["metrics"]
+        m = r["eval"]["metrics"]
         cells = []
         for _, key, pct in COLUMNS:
-            v = m.get(key)
-            cells.append("-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}"))
-        cells += [f"{r['train_s'] / 60:.1f} min", f"{r['eval_s'] / 60:.1f} min"]
+            v = m.get(key.removeprefix("eval/"))
+            cells.append("-" if v is None or v != v else (f"{100 * v:.1f}%" if pct else f"{v:.3f}"))
+        cells += [show_delta(r["vs_sft"]), show_delta(r["vs_base"])]
+        cells += [
+            f"{r['train_s'] / 60:.1f} min" if r["train_s"] else "-",
+            f"{r['eval']['time_s'] / 60:.1f} min",
+        ]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"A difference in **bold** is larger than its 95% band: 1.96 x sd(a_i - b_i) / sqrt(n) over the "
+        f"{n} prompts, outcome by outcome (one prompt is {100 / max(n, 1):.1f} points). Train wall time "
+        "includes the runs a method starts from.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -214,6 +214,14 @@ def test_several_models_one_table_one_row_each(tiny_model, dpo_run, tmp_path, mo
         1.96 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / 6)
     )
     assert report["noise"]["worst_case_prompts"] == pytest.approx(1.96 * math.sqrt(0.5 / 6))
+    # per-item outcomes for paired comparisons between any two rows: they reproduce the metrics
+    for r in report["models"]:
+        assert len(r["passed"]) == 6 and sum(r["passed"]) / 6 == pytest.approx(
+            r["metrics"]["ifeval/prompt_accuracy"]
+        )
+        assert len(r["pair_wins"]) == 24 and sum(r["pair_wins"]) / 24 == pytest.approx(
+            r["metrics"]["pref/accuracy"]
+        )
     assert m["eval/dpo:run/pref/accuracy"] == dpo["metrics"]["pref/accuracy"]
     # report.md: one table row per model, and the chart next to it
     md = (out / "report.md").read_text()
