@@ -1150,6 +1150,8 @@ def many_markdown(report: dict[str, Any]) -> str:
         f"- held-out data: {report['data'].get('prompt_rows')} prompts ({report['data'].get('prompts')}), "
         f"{report['data'].get('pair_rows')} pairs ({report['data'].get('pairs')}), the same for every model",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
+        "- precision (train.autocast of each run): "
+        + ", ".join(f"{r['label']}: {r['model'].get('precision', 'not recorded')}" for r in models),
         f"- time: {report['time'].get('time/eval_s')} s",
         "",
         "## Models",

@@ -228,6 +228,7 @@ def test_several_models_one_table_one_row_each(tiny_model, dpo_run, tmp_path, mo
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "`" in ln]
     assert [ln.split(" | ")[0][2:] for ln in rows] == labels
     assert "±95%" in md and "1.96 × sqrt(p_a(1−p_a)/n + p_b(1−p_b)/n)" in md
+    assert f"dpo:run: {dpo['model']['precision']}" in md  # each row's precision is stated
     assert "![per-instruction-type accuracy](eval.png)" in md
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cols, table = evaluation.models_table(report)
