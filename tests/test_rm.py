@@ -125,3 +125,23 @@ def test_reward_model_starts_from_the_sft_lora_weights_with_a_new_head(tiny_mode
     other = compose("stage=rm", *tiny_overrides(tiny_model, "adapter.r=4"))
     with pytest.raises(AlignError, match="r: saved 16, this run 4"):
         backbone.start_from_weights(backbone.build(other, task="seq_cls"), adapter_dir)
+
+
+def test_rm_score_head_starts_from_the_run_seed_in_any_process_state(tiny_model, tmp_path):
+    """The score head is made before the trainer seeds: it follows ``seed=`` whatever the
+    process's generator did before (a fresh process, or an earlier sub-run of stage=rlhf)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from align.stages import execute
+
+    train = write_jsonl(tmp_path / "train.jsonl", separable_pairs(8, 0))
+    args = [f"data.train={train}", "data.eval_fraction=0", "train.max_steps=1"]
+    heads = []
+    for i, seed in enumerate((42, 42, 7)):
+        torch.manual_seed(1000 + i)  # a different generator state before every run
+        execute(compose("stage=rm", *tiny_overrides(tiny_model, *args, f"seed={seed}")), tmp_path / f"rm{i}")
+        weights = load_file(tmp_path / f"rm{i}" / "adapter" / "adapter_model.safetensors")
+        heads.append(weights["base_model.model.score.weight"])
+    assert torch.equal(heads[0], heads[1])  # same seed: same start, same data, same step
+    assert not torch.equal(heads[0], heads[2])

@@ -18,6 +18,7 @@ def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
 
     quiet_libraries()  # again: a test runner or notebook may have reset the warnings filters
     validate(cfg)
+    seed_everything(int(cfg.seed))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = runs.resume_state(cfg, run_dir)  # resume=<run dir>: its last checkpoint and W&B run
@@ -35,6 +36,19 @@ def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
         raise
     tracker.finish()
     return metrics
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch before the stage builds anything.
+
+    torch starts each process from a random seed, and the trainers seed only when they are
+    constructed: weights made before that (a reward model's or classifier's fresh score head, a
+    value head) were random per process, so ``stage=rm`` was not reproducible, ignored ``seed=``,
+    and differed from the same stage run inside ``stage=rlhf`` (where the sft sub-run's seeded
+    training left the generator in a fixed state)."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def _eval_at_end(ctx: Any, metrics: dict[str, float]) -> dict[str, float]:
