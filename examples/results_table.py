@@ -20,6 +20,7 @@ difference outside it is marked as larger than the noise.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -195,12 +196,11 @@ def main() -> None:
             took[prefix] = align(args, run_dir, log)
             wall += took[prefix]
             dirs[stage] = done[prefix] = run_dir
-        start = str(dirs["sft"]) if "sft" in dirs and chain[-1][0] != "sft" else None
         rows.append(
             {
                 "method": name,
                 "spec": str(dirs[chain[-1][0]]) if chain else "base",
-                "from": start,
+                "from": str(dirs["sft"]) if "sft" in dirs else None,  # the SFT row: itself, no delta
                 "train_s": wall,
             }
         )
@@ -208,7 +208,9 @@ def main() -> None:
     # one stage=eval for every model: the same prompts and pairs, outcome by outcome
     specs = [r["spec"] for r in rows if "spec" in r]
     if specs:
-        eval_dir = out / "eval"
+        # named by the models it holds: a finished eval is reused only for the same list (a later
+        # --only with the same --out gets its own)
+        eval_dir = out / f"eval-{hashlib.sha1(','.join(specs).encode()).hexdigest()[:8]}"
         eval_args = [
             "stage=eval",
             *common,
@@ -223,7 +225,7 @@ def main() -> None:
             if "spec" in r:
                 r["eval"] = by_spec[r["spec"]]
                 r["vs_sft"] = versus(r["eval"], by_spec.get(r["from"]))
-                r["vs_base"] = versus(r["eval"], by_spec.get("base")) if r["spec"] != "base" else None
+                r["vs_base"] = versus(r["eval"], by_spec.get("base"))  # None for the base row itself
 
     table = render(rows, opts)
     (out / "results.md").write_text(table)
