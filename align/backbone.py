@@ -542,7 +542,29 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm", n
         model.to(rt.device)
     if task == "seq_cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if task == "seq_cls":
+        fp32_head(model)
     return model
+
+
+def fp32_head(model) -> None:
+    """The classification head (``score``) of a bf16/fp16 base in fp32, its input cast up to it:
+    it is trained (peft copies it into ``modules_to_save`` as it is, while LoRA weights are made
+    fp32), and Adam's small steps on a bf16 weight round away. The logits come out in fp32."""
+    import torch
+
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module) and any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in head.parameters()
+        ):
+            head.float()
+            head.register_forward_pre_hook(_to_head_dtype)
+
+
+def _to_head_dtype(module, args):
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if getattr(a, "is_floating_point", lambda: False)() else a for a in args)
 
 
 def peft_config(cfg: Any, task: str = "causal_lm", model_path: str | None = None):
@@ -769,6 +791,17 @@ def build(
         model = load_adapter(model, init_adapter, trainable=True)
         pcfg = None
     return Backbone(model=model, tokenizer=tokenizer, peft_config=pcfg, path=path, runtime=rt)
+
+
+def init_score_head(model, std: float) -> None:
+    """Re-initialise a fresh sequence-classification head (``score``) from N(0, std), zeros at 0."""
+    import torch
+
+    head = model.score
+    with torch.no_grad():
+        head.weight.normal_(0.0, std) if std > 0 else head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def start_from_weights(bb: Backbone, adapter_dir: str | Path) -> Backbone:

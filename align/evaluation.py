@@ -178,7 +178,7 @@ def generate(
     batch_size: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    device: str = "cpu",
+    device: str | None = None,
     desc: str = "generate",
 ) -> list[Generation]:
     """One completion per prompt (greedy when ``temperature == 0``) through align.sampling:
@@ -536,7 +536,7 @@ def forgetting_metrics(
     max_length: int,
     max_new_tokens: int,
     batch_size: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The three forgetting figures of ``tuned`` against ``base`` on general data:

@@ -84,3 +84,17 @@ def describe() -> dict[str, Any]:
         "allocator": malloc.describe(),
     }
     return info
+
+
+def gpu_peak_memory() -> dict[str, float]:
+    """Peak CUDA memory of this process so far, in GB (``memory/gpu_peak_allocated_gb``: tensors;
+    ``memory/gpu_peak_reserved_gb``: what torch's caching allocator held); {} without a GPU in use."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        "memory/gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+        "memory/gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3),
+    }

@@ -130,8 +130,26 @@ def check_resumable(run_dir: Path) -> None:
         )
 
 
+def check_ranks_fit_gpus() -> None:
+    """Under a launcher, more processes on this machine than visible GPUs would put two ranks on
+    one GPU, which NCCL refuses deep inside the first collective ("Duplicate GPU detected")."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < local:
+        raise AlignError(
+            f"{local} processes on this machine but {gpus} visible GPU(s): each rank needs a GPU of its "
+            f"own; launch --num_processes {gpus}, or run the ranks on the CPU with CUDA_VISIBLE_DEVICES= "
+            "(as conf/accelerate/cpu.yaml does on a CPU-only machine)"
+        )
+
+
 def _shared_stamp() -> str:
     """A timestamp every rank agrees on: ALIGN_RUN_ID, else rank 0's, broadcast."""
+    check_ranks_fit_gpus()
     if os.environ.get("ALIGN_RUN_ID"):
         return os.environ["ALIGN_RUN_ID"]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -247,7 +247,7 @@ def sample(
     stop: list[int],
     pad_id: int,
     batch_size: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     merge: bool = True,
     autocast: torch.dtype | None = None,
     desc: str = "generate",
@@ -259,7 +259,8 @@ def sample(
     and each comes with its log-prob. Otherwise sampled with transformers' warpers and
     ``torch.multinomial``. ``batch_size=0`` sizes batches by memory (:func:`auto_batch_size`).
     ``autocast``: compute dtype over the weights (bf16 mixed precision, Runtime.autocast_dtype;
-    None: the autocast the caller runs under, if any, :func:`ambient_autocast`).
+    None: the autocast the caller runs under, if any, :func:`ambient_autocast`). ``device``:
+    where the prompts go (None: the model's device).
     """
     from tqdm.auto import tqdm
 
@@ -268,6 +269,7 @@ def sample(
     n = len(prompt_ids)
     if n == 0:
         return []
+    device = device or model_device(model)
     autocast = ambient_autocast(device, autocast)
     if is_prompt_learning(model):
         return _sample_prompt_learning(
@@ -385,6 +387,11 @@ def ambient_autocast(device, dtype: torch.dtype | None = None) -> torch.dtype | 
         return dtype
     kind = torch.device(device).type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter: where its inputs belong."""
+    return next(model.parameters()).device
 
 
 def left_pad(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -719,7 +726,7 @@ def completion_logprobs(
     seqs: Sequence[tuple[list[int], list[int]]],
     *,
     batch_size: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     autocast: torch.dtype | None = None,
     desc: str = "log-probs",
     progress: bool = True,
@@ -736,6 +743,7 @@ def completion_logprobs(
     out: list[list[float] | None] = [None] * n
     if n == 0:
         return []
+    device = device or model_device(model)
     autocast = ambient_autocast(device, autocast)
     if is_prompt_learning(model):
         return _prompt_learning_logprobs(model, seqs, device, autocast, desc, progress)

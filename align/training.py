@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from align import artifacts, malloc
+from align import artifacts, hardware, malloc
 from align.errors import AlignError
 from align.tracking import Tracker, config_dict, is_main_process
 
@@ -229,7 +229,7 @@ def finish(
 
     run_dir = ctx.run_dir
     elapsed = time.time() - ctx.started
-    metrics = {**metrics, "time/wall_s": round(elapsed, 1)}
+    metrics = {**metrics, "time/wall_s": round(elapsed, 1), **hardware.gpu_peak_memory()}
     adapter_info = None
     if model is not None:
         adapter_info = {"trainable_params": trainable_params(model)}
@@ -330,6 +330,11 @@ def summary_text(
         lines.append("  metrics  " + "  ".join(f"{k}={_fmt(metrics[k])}" for k in shown))
     lines.append(f"           (all metrics: {ctx.run_dir / 'metrics.json'})")
     lines.append(f"  malloc   {malloc.summary_line()}")
+    if "memory/gpu_peak_allocated_gb" in metrics:
+        lines.append(
+            f"  gpu      {hardware.describe()['cuda']}, peak {metrics['memory/gpu_peak_allocated_gb']:.2f} GB "
+            f"allocated ({metrics['memory/gpu_peak_reserved_gb']:.2f} GB reserved)"
+        )
     hint = ctx.tracker.sync_hint
     if ctx.tracker.mode == "offline" and hint:
         lines.append(f"  W&B      offline run; upload it with: {hint}")

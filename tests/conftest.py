@@ -14,6 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# The suite's answers are CPU answers (fp32 weights, exact log-prob equalities, one process per
+# CPU rank), so it runs on the CPU on every machine: a GPU is hidden from it, from the processes it
+# starts too. `ALIGN_TEST_CUDA=1 pytest tests/test_cuda.py` runs the CUDA checks on a GPU machine.
+if os.environ.get("ALIGN_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # Tests never touch the user's cache, W&B account or the network.
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

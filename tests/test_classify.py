@@ -435,6 +435,29 @@ def test_the_head_is_trainable_with_every_adapter_kind(tiny_model, adapter):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.values())
 
 
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_a_bf16_base_trains_its_head_in_fp32(tiny_model, adapter):
+    """A bf16 base (bf16 is what CUDA loads): the fresh head is fp32, takes the bf16 hidden states,
+    gives fp32 logits, and keeps an Adam step at a small lr that bf16 weights would round away."""
+    from align import backbone
+
+    cfg = compose("stage=classify", *tiny_overrides(tiny_model, f"adapter={adapter}", "model.dtype=bfloat16"))
+    bb = backbone.build(cfg, task="seq_cls", num_labels=3)
+    model = backbone.apply_adapter(bb.model, cfg, bb.peft_config, bb.runtime)
+    assert any(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "layers." in n)
+    head = {n: p for n, p in model.named_parameters() if "score" in n and p.requires_grad}
+    assert head and all(p.dtype == torch.float32 for p in head.values()), head
+    batch = classify.collate([{"input_ids": [5, 6, 7], "label": 2}, {"input_ids": [8], "label": 0}], 3)
+    logits = classify.class_logits(model, batch)
+    assert logits.dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in head.items()}
+    opt = torch.optim.Adam(list(head.values()), lr=1e-6)
+    classify.classification_loss(logits, batch["labels"]).backward()
+    opt.step()
+    moved = [(p - before[n]).abs().max().item() for n, p in head.items()]
+    assert all(0 < m < 1e-5 for m in moved), moved  # a 1e-6 step on ~0.1 weights: lost in bf16
+
+
 # --------------------------------------------------------------------------- the shipped set
 
 

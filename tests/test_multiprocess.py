@@ -119,3 +119,28 @@ def test_leave_process_group_tears_the_group_down_after_a_barrier(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_more_ranks_than_gpus_is_a_clear_error_before_any_collective(monkeypatch):
+    """Two ranks on a one-GPU machine (e.g. conf/accelerate/cpu.yaml with the GPU visible):
+    align says what to do instead of NCCL's "Duplicate GPU detected" from the first broadcast."""
+    import torch
+
+    from align import runs
+    from align.errors import AlignError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(
+        AlignError, match=r"2 processes on this machine but 1 visible GPU.*CUDA_VISIBLE_DEVICES="
+    ):
+        runs.check_ranks_fit_gpus()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    runs.check_ranks_fit_gpus()  # one process: nothing to check
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runs.check_ranks_fit_gpus()  # a GPU each
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    runs.check_ranks_fit_gpus()  # CPU ranks (gloo)
