@@ -306,6 +306,9 @@ class RMStageConfig:
     # an SFT run directory: the reward model's LoRA starts from its LoRA weights (InstructGPT's
     # RM starts from the SFT model), the score head from scratch; stage=rlhf sets its sft run
     init: str | None = None
+    # the fresh score head's init: None = the model's own (normal, std = initializer_range, 0.02
+    # for SmolLM2), or this std (0: zeros, every reward starts at 0 and the head learns its direction)
+    head_init_std: float | None = None
 
 
 class ClassifyLoss(str, Enum):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
+import pytest
 from conftest import compose, tiny_overrides, write_jsonl
 
 
@@ -145,3 +147,32 @@ def test_rm_score_head_starts_from_the_run_seed_in_any_process_state(tiny_model,
         heads.append(weights["base_model.model.score.weight"])
     assert torch.equal(heads[0], heads[1])  # same seed: same start, same data, same step
     assert not torch.equal(heads[0], heads[2])
+
+
+def test_rm_head_init_std_zero_starts_every_reward_at_zero_and_still_learns(tiny_model, tmp_path):
+    """rm.head_init_std=0: the fresh head is zeros (every reward 0 before training, no random
+    ranking to unlearn); the head and, from the second step, the LoRA learn the preference."""
+    import torch
+
+    from align import backbone
+    from align.stages import execute
+
+    cfg = compose("stage=rm", *tiny_overrides(tiny_model, "rm.head_init_std=0"))
+    model = backbone.build(cfg, task="seq_cls").model
+    backbone.init_score_head(model, cfg.rm.head_init_std)
+    assert torch.count_nonzero(model.score.weight) == 0
+    backbone.init_score_head(model, 0.5)
+    assert 0.4 < model.score.weight.std().item() < 0.6
+
+    train = write_jsonl(tmp_path / "train.jsonl", separable_pairs(40, 0))
+    held_out = write_jsonl(tmp_path / "test.jsonl", separable_pairs(16, 1))
+    extra = [
+        f"data.train={train}",
+        f"data.eval={held_out}",
+        "train.max_steps=8",
+        "train.lr=3e-3",
+        "rm.head_init_std=0",
+    ]
+    metrics = execute(compose("stage=rm", *tiny_overrides(tiny_model, *extra)), tmp_path / "rm")
+    assert metrics["train/first_loss"] == pytest.approx(math.log(2), abs=1e-4)  # all rewards 0: ln 2
+    assert metrics["train/loss"] < metrics["train/first_loss"] and metrics["eval/accuracy"] > 0.5

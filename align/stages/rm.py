@@ -22,6 +22,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     init = training.init_run(cfg, "rm.init", expect=("sft",))
     split = training.load_data(cfg, "preference", training.needed_train_rows(cfg))
     bb = backbone.build(cfg, task="seq_cls")
+    if cfg.rm.head_init_std is not None:
+        backbone.init_score_head(bb.model, cfg.rm.head_init_std)
     if init is not None:
         bb = backbone.start_from_weights(bb, init.adapter_dir)
     args = RewardConfig(
