@@ -542,7 +542,7 @@ def load_base_model(path: str, cfg: Any, rt: Runtime, task: str = "causal_lm", n
         model.to(rt.device)
     if task == "seq_cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
-    if task == "seq_cls":
+    if task == "seq_cls" and not sharded_training():  # FSDP flattens each unit's tensors into one dtype
         fp32_head(model)
     return model
 

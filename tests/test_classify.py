@@ -618,3 +618,13 @@ def test_packing_is_on_by_default_and_auto_off_for_prompt_learning_adapters():
     assert classify_packing(compose("stage=classify")) is True
     assert classify_packing(compose("stage=classify", "adapter=prompt")) is False  # auto: peft cannot pack it
     assert classify_packing(compose("stage=classify", "classify.packing=false")) is False
+
+
+def test_a_sharded_bf16_base_keeps_its_head_in_the_base_dtype(tiny_model, monkeypatch):
+    """Under FSDP every wrapped unit's tensors are flattened into one dtype: no fp32 head there."""
+    from align import backbone
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = compose("stage=classify", *tiny_overrides(tiny_model, "model.dtype=bfloat16"))
+    model = backbone.build(cfg, task="seq_cls", num_labels=3).model
+    assert model.score.weight.dtype == torch.bfloat16
