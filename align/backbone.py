@@ -553,13 +553,20 @@ def fp32_head(model) -> None:
     fp32), and Adam's small steps on a bf16 weight round away. The logits come out in fp32."""
     import torch
 
+    head = classification_head(model)
+    if head is not None and any(p.dtype in (torch.bfloat16, torch.float16) for p in head.parameters()):
+        head.float()
+        head.register_forward_pre_hook(_to_head_dtype)
+
+
+def classification_head(model):
+    """The fresh head transformers puts on a sequence-classification model (``score`` for
+    Llama/Qwen/Mistral, ``classifier`` for others), or None."""
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module) and any(
-            p.dtype in (torch.bfloat16, torch.float16) for p in head.parameters()
-        ):
-            head.float()
-            head.register_forward_pre_hook(_to_head_dtype)
+        if hasattr(head, "weight"):
+            return head
+    return None
 
 
 def _to_head_dtype(module, args):
@@ -794,13 +801,16 @@ def build(
 
 
 def init_score_head(model, std: float) -> None:
-    """Re-initialise a fresh sequence-classification head (``score``) from N(0, std), zeros at 0."""
+    """Re-initialise a fresh sequence-classification head from N(0, std); zeros at ``std=0``."""
     import torch
 
-    head = model.score
+    head = classification_head(model)
     with torch.no_grad():
-        head.weight.normal_(0.0, std) if std > 0 else head.weight.zero_()
-        if head.bias is not None:
+        if std > 0:
+            head.weight.normal_(0.0, std)
+        else:
+            head.weight.zero_()
+        if getattr(head, "bias", None) is not None:
             head.bias.zero_()
 
 

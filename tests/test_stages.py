@@ -184,3 +184,19 @@ def test_wandb_offline_run_holds_the_logged_metrics(tiny_model, pair_files, tmp_
     assert logged["config"]["dpo"]["beta"] == 0.1 and logged["config"]["stage"] == "dpo"
     manifest = json.loads((tmp_path / "run" / "artifact.json").read_text())
     assert manifest["tracking"]["mode"] == "offline" and manifest["tracking"]["id"] in run.name
+
+
+def test_gpu_peak_memory_is_reported_only_where_cuda_ran(monkeypatch):
+    import torch
+
+    from align import hardware
+
+    assert hardware.gpu_peak_memory() == {}  # the suite runs on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1_440_000_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 1_640_000_000)
+    assert hardware.gpu_peak_memory() == {
+        "memory/gpu_peak_allocated_gb": 1.44,
+        "memory/gpu_peak_reserved_gb": 1.64,
+    }
