@@ -52,16 +52,19 @@ class RewardModel:
         base.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = backbone.load_adapter(base, art.adapter_dir, trainable=False).eval()
         self.device = rt.device
+        self.autocast = rt.autocast_dtype  # bf16 autocast where the run's train.autocast turns it on
         self.batch_size = batch_size
         self.run_dir = art.run_dir
         self.__name__ = f"rm:{art.run_dir.name}"  # TRL names the reward column after it
         self._torch = torch
 
     def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+        from align.sampling import autocast_context
+
         torch = self._torch
         texts = reward_texts(self.tokenizer, prompts, completions)
         scores: list[float] = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(self.device, self.autocast):
             for i in range(0, len(texts), self.batch_size):
                 ids, mask = encode_right_padded(self.tokenizer, texts[i : i + self.batch_size], self.device)
                 # transformers' sequence-classification pooling: the last non-pad token

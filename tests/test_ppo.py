@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, tiny_overrides, write_jsonl
+from conftest import compose, separable_pairs, tiny_overrides, write_jsonl
 
 from align.rl import losses
 
@@ -450,3 +450,27 @@ def test_fast_rollout_gives_generates_tokens_and_the_first_ratio_is_one(tiny_mod
     stats = trainer.update(batch)
     assert stats["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert abs(stats["policy/approxkl"]) < 1e-9
+
+
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+def test_a_reward_model_scores_at_the_precision_of_the_run(tiny_model, tmp_path, autocast):
+    """RewardModel (GRPO/RLOO's rm: reward, eval.reward) scores under the run's bf16 autocast,
+    as it was trained, and in fp32 without it."""
+    from align import rewards
+    from align.stages import execute
+
+    pairs = separable_pairs(tmp_path / "pairs.jsonl", ["water", "bees"], 8, 0)
+    rm_args = [f"data.train={pairs}", "data.eval_fraction=0", "train.max_steps=1"]
+    execute(compose("stage=rm", *tiny_overrides(tiny_model, *rm_args)), tmp_path / "rm")
+    rm = rewards.RewardModel(tmp_path / "rm", ppo_config(tiny_model, f"train.autocast={autocast}"))
+    seen = []
+    forward = rm.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(*args, **kwargs)
+
+    rm.model.forward = spy
+    scores = rm(["Tell me about bees."] * 3, ["Bees make honey.", "No.", "Water."])
+    assert len(scores) == 3 and all(isinstance(x, float) for x in scores)
+    assert seen and all(d is (torch.bfloat16 if autocast == "bf16" else None) for d in seen), seen
