@@ -560,11 +560,13 @@ def fp32_head(model) -> None:
 
 
 def classification_head(model):
-    """The fresh head transformers puts on a sequence-classification model (``score`` for
+    """The head transformers puts on a sequence-classification model (``score`` for
     Llama/Qwen/Mistral, ``classifier`` for others), or None."""
+    import torch
+
     for name in ("score", "classifier"):
         head = getattr(model, name, None)
-        if hasattr(head, "weight"):
+        if isinstance(head, torch.nn.Module):
             return head
     return None
 
@@ -684,10 +686,8 @@ def freeze_plan(model, train_layers: int, train_head: bool, task: str = "causal_
             modules.append(getattr(inner, name))
             break
     if task == "seq_cls":
-        for name in ("score", "classifier"):
-            if isinstance(getattr(model, name, None), torch.nn.Module):
-                modules.append(getattr(model, name))
-                break
+        if (head := classification_head(model)) is not None:
+            modules.append(head)
     elif train_head and model.get_output_embeddings() is not None:
         modules.append(model.get_output_embeddings())
     wanted = {id(p) for m in modules for p in m.parameters()}

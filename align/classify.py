@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from align import backbone
 from align.errors import AlignError
 
 CLASSIFIER_FILE = "classifier.json"  # label names, threshold, truncation: what prediction needs
@@ -242,10 +243,9 @@ def head_module(model):
     """The classification head (``score``; ``classifier`` on some architectures)."""
     inner = _unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    for name in ("score", "classifier"):
-        head = getattr(base, name, None)
-        if head is not None:
-            return head
+    head = backbone.classification_head(base)
+    if head is not None:
+        return head
     raise AlignError(f"{type(base).__name__} has no classification head (score/classifier); use a decoder LM")
 
 
@@ -385,11 +385,11 @@ def predict(
     """(rows, classes) probabilities, in the order of ``enc_ids``; batches of similar length.
     ``autocast``: the compute dtype the run trained and was scored in (bf16 autocast), so that
     stage=eval reproduces the scores and the tuned threshold of training."""
-    from align.sampling import autocast_context
+    from align.sampling import autocast_context, model_device
 
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
+    device = model_device(model)
     order = sorted(range(len(enc_ids)), key=lambda i: len(enc_ids[i]))
     out: list[torch.Tensor | None] = [None] * len(enc_ids)
     try:

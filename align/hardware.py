@@ -70,7 +70,6 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
 def describe() -> dict[str, Any]:
     """The hardware facts a run records in artifact.json (figures are only comparable with them),
     with the C allocator the process runs on (``allocator``: jemalloc or glibc, see align.malloc)."""
-    import torch
 
     model, flags = _cpuinfo()
     info: dict[str, Any] = {
@@ -80,10 +79,17 @@ def describe() -> dict[str, Any]:
         "cpu_bf16": cpu_computes_bf16(),
         "cpu_bf16_forced": cpu_bf16_forced(),
         "cpus": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": gpu_name(),
         "allocator": malloc.describe(),
     }
     return info
+
+
+def gpu_name() -> str | None:
+    """The first visible CUDA device's name; None without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def gpu_peak_memory() -> dict[str, float]:

@@ -332,7 +332,7 @@ def summary_text(
     lines.append(f"  malloc   {malloc.summary_line()}")
     if "memory/gpu_peak_allocated_gb" in metrics:
         lines.append(
-            f"  gpu      {hardware.describe()['cuda']}, peak {metrics['memory/gpu_peak_allocated_gb']:.2f} GB "
+            f"  gpu      {hardware.gpu_name()}, peak {metrics['memory/gpu_peak_allocated_gb']:.2f} GB "
             f"allocated ({metrics['memory/gpu_peak_reserved_gb']:.2f} GB reserved)"
         )
     hint = ctx.tracker.sync_hint
