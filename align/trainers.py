@@ -11,6 +11,8 @@ own hash of the model), the tokenized rows and the maximum length. A ``-m`` swee
   dropped) instead of ``model.generate``, where TRL would use plain transformers generation
   with settings align.sampling implements (no vLLM, images, tools, min_p or repetition
   penalty, no DeepSpeed ZeRO-3).
+* On a CPU, TRL's fused LM head scores only the positions that have a label (the completion),
+  as it does on CUDA, not every prompt and padding position (:func:`score_labelled_positions_only`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ log = logging.getLogger(__name__)
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # TRL's experimental ORPO/CPO trainers tokenize a pair as whole sequences (prompt + response)
 FULL_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
+
+
+def score_labelled_positions_only() -> None:
+    """TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: the DPO, KTO, GRPO and
+    RLOO losses and the DPO reference pass) projects through the LM head only the positions
+    whose label is not -100 where Triton runs it (CUDA, XPU), and every position elsewhere, so
+    that tile shapes stay fixed for compiled backends (Neuron). Nothing is compiled on a CPU,
+    where the extra positions (prompts, padding: half or more of a preference batch) cost a
+    49k-vocabulary projection each, forward and backward. On a CPU it now takes the labelled
+    positions only, as on CUDA: the same log-probs, the others are zero either way."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)  # TRL 1.16: used for this choice alone
+    if original is None or getattr(original, "align_cpu_compact", False):
+        return
+
+    def compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.align_cpu_compact = True
+    trl_utils._use_triton = compact
+
+
+score_labelled_positions_only()
 
 
 def _content_hash(dataset) -> str:

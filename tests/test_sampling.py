@@ -199,6 +199,51 @@ def test_sampling_inside_an_autocast_takes_its_dtype(lora_model, monkeypatch):
     assert seen[-1] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-4, 5e-3])
+def test_in_place_merge_undoes_to_the_bit_where_rounding_is_large(dtype, scale):
+    """The in-place merge keeps the few weights that ``merged - delta`` does not give back (a
+    small delta) or an int8 per weight (a large one), and the whole original where that cannot
+    hold the rounding: zeros, weights far smaller than their delta, sign changes, -0.0."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 48, generator=g) * 0.02).to(dtype)
+    weight[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-9, -1e-9, 3e-3, -3e-3]).to(dtype)
+    delta = (torch.randn(64, 48, generator=g) * scale).to(dtype)
+    delta[0, :8] = torch.tensor([1.0, -1.0, 5e-3, -5e-3, 2e-3, 7e-3, -4e-3, 4e-3]).to(dtype)
+    original = weight.clone()
+    undo = sampling._merge_in_place(weight, delta)
+    assert torch.equal(weight, original + delta)  # the merged weight is W + delta, as a copy would be
+    if scale == 5e-3:  # many weights round: a byte each
+        assert undo.residual.dtype == torch.int8
+        assert 0 < undo.where.numel() < weight.numel() // 10  # the exceptions are exercised, and rare
+    else:  # few round: only those are kept
+        assert undo.residual is None
+        assert 8 <= undo.where.numel() < weight.numel() // 12
+    assert sampling._unmerge_in_place(weight, delta, undo)
+    assert torch.equal(weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       original.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_a_restore_that_is_not_to_the_bit_says_so(lora_model, monkeypatch, caplog):
+    """The restore recomputes B A s; should that come out differently (a matmul that is not
+    deterministic), the checksum notices and the run says so instead of passing silently."""
+    import copy
+
+    model = copy.deepcopy(lora_model[0])
+    calls = []
+    real = sampling._delta
+
+    def drifting(layer, names, dtype):  # the second computation of each delta is off by 1e-3
+        calls.append(layer)
+        d = real(layer, names, dtype)
+        return d * (1 + 1e-3) if calls.count(layer) > 1 else d
+
+    monkeypatch.setattr(sampling, "_delta", drifting)
+    with caplog.at_level("WARNING", logger="align.sampling"), sampling.merged_adapter(model) as merged:
+        assert merged
+    assert "within rounding" in caplog.text
+
+
 def test_merge_is_skipped_when_the_copy_does_not_fit(lora_model, monkeypatch):
     model, _ = lora_model
     monkeypatch.setattr(sampling, "available_memory", lambda device: 1)
