@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 
-def test_the_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_log_probs(tiny_model, monkeypatch):
+def test_the_fused_head_scores_only_labelled_positions_on_cpu_with_the_same_log_probs(
+    tiny_model, monkeypatch
+):
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 

@@ -220,8 +220,10 @@ def test_in_place_merge_undoes_to_the_bit_where_rounding_is_large(dtype, scale):
         assert undo.residual is None
         assert 8 <= undo.where.numel() < weight.numel() // 12
     assert sampling._unmerge_in_place(weight, delta, undo)
-    assert torch.equal(weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       original.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        original.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
 
 
 def test_a_restore_that_is_not_to_the_bit_says_so(lora_model, monkeypatch, caplog):
