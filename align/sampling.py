@@ -22,6 +22,7 @@ that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
@@ -148,10 +149,12 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
 
     The merge is in place (:func:`_merge_in_place`): what it keeps to undo itself exactly is
     the few weights that ``merged - delta`` does not give back to the bit (4 MB for
-    SmolLM2-135M; at most a byte per weight), not a second copy of the base (425 MB in fp32). With ``dtype`` other than the weights' (the autocast dtype
-    while sampling under bf16 autocast) the merged weight is a copy in that dtype instead:
-    autocast would cast the fp32 weight to exactly that on every decode step; cast once here, a
-    decode step stops re-reading and re-writing every weight."""
+    SmolLM2-135M; at most a byte per weight), not a second copy of the base (425 MB in fp32).
+    The merged weight is a copy instead where ``dtype`` is not the weights' (the autocast dtype
+    while sampling under bf16 autocast: autocast would cast the fp32 weight to exactly that on
+    every decode step; cast once here, a decode step stops re-reading and re-writing every
+    weight), and where the weight is tied to another parameter (a LoRA on an LM head that shares
+    the input embedding: merged in place, the embedding would change too)."""
     layers = [(layer, _mergeable(layer)) for layer in _lora_layers(model)] if enabled else []
     layers = [(layer, names) for layer, names in layers if names]
     if layers:
@@ -162,6 +165,11 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             log.info("not merging the adapter for sampling: %.0f MB would not fit", need / 2**20)
             layers = []
     saved: list[tuple[Any, list[str], torch.Tensor | _Undo]] = []
+    tied = (
+        collections.Counter(q.data_ptr() for _, q in model.named_parameters(remove_duplicate=False))
+        if layers
+        else {}
+    )
     try:
         # the merge itself is exact whatever autocast the caller runs under (peft's B @ A would
         # otherwise run in bf16 inside one); only a copy takes ``dtype``
@@ -170,9 +178,11 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             for layer, names in layers:
                 weight = layer.get_base_layer().weight
                 delta = _delta(layer, names, weight.dtype)
-                if copy:
-                    saved.append((layer, names, weight.data))
-                    weight.data = (weight.data + delta).to(dtype)
+                if copy or tied[weight.data_ptr()] > 1:
+                    # the layer gets its own merged parameter; a tied one keeps the original
+                    saved.append((layer, names, weight))
+                    merged = (weight.data + delta).to(dtype or weight.dtype)
+                    layer.get_base_layer().weight = nn.Parameter(merged, requires_grad=False)
                 else:
                     saved.append((layer, names, _merge_in_place(weight.data, delta)))
                 layer.merged_adapters.extend(names)
@@ -183,7 +193,7 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             for layer, names, undo in saved:
                 weight = layer.get_base_layer().weight
                 if isinstance(undo, torch.Tensor):
-                    weight.data = undo
+                    layer.get_base_layer().weight = undo
                 else:
                     inexact += not _unmerge_in_place(weight.data, _delta(layer, names, weight.dtype), undo)
                 for name in names:

@@ -226,6 +226,34 @@ def test_in_place_merge_undoes_to_the_bit_where_rounding_is_large(dtype, scale):
     )
 
 
+def test_a_lora_on_a_head_tied_to_the_embedding_merges_into_a_copy(tiny_model):
+    """Merged in place, a LoRA on an LM head that shares its weight with the input embedding
+    would change the embedding too; that layer merges into a copy, the rest in place."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base.lm_head.weight = base.model.embed_tokens.weight  # tied, as in SmolLM2
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if "lora_B" in n:
+                q.normal_(0.0, 0.2)
+    model.eval()
+    embedding = base.model.embed_tokens.weight
+    before = embedding.detach().clone()
+    x = torch.tensor([[5, 17, 40, 99, 230]])
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+    with sampling.merged_adapter(model) as merged, torch.no_grad():
+        assert merged
+        assert torch.equal(base.model.embed_tokens.weight, before)
+        torch.testing.assert_close(model(input_ids=x).logits, unmerged, atol=1e-5, rtol=1e-5)
+    assert base.lm_head.weight is base.model.embed_tokens.weight  # still tied afterwards
+    assert torch.equal(embedding, before)
+
+
 def test_a_restore_that_is_not_to_the_bit_says_so(lora_model, monkeypatch, caplog):
     """The restore recomputes B A s; should that come out differently (a matmul that is not
     deterministic), the checksum notices and the run says so instead of passing silently."""
