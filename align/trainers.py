@@ -37,8 +37,8 @@ FULL_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
 
 
 def score_labelled_positions_only() -> None:
-    """TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: the DPO, KTO, GRPO and
-    RLOO losses and the DPO reference pass) projects through the LM head only the positions
+    """TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: the SFT, DPO, KTO, GRPO
+    and RLOO losses and the DPO reference pass) projects through the LM head only the positions
     whose label is not -100 where Triton runs it (CUDA, XPU), and every position elsewhere, so
     that tile shapes stay fixed for compiled backends (Neuron). Nothing is compiled on a CPU,
     where the extra positions (prompts, padding: half or more of a preference batch) cost a

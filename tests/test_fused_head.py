@@ -1,4 +1,4 @@
-"""On a CPU, TRL's fused LM head (DPO's loss and reference pass, KTO, GRPO, RLOO) projects only
+"""On a CPU, TRL's fused LM head (the SFT, DPO, KTO, GRPO, RLOO losses, DPO's reference pass) projects only
 the positions that have a label through the LM head, and gives the log-probs (and gradients)
 it gave when it projected every position."""
 
