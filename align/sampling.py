@@ -84,7 +84,7 @@ def _mergeable(layer) -> list[str]:
     return active
 
 
-_BITS = {4: torch.int32, 2: torch.int16}  # a float's bit pattern, by its width in bytes
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}  # a float's bit pattern, by its width in bytes
 
 
 def _delta(layer, names: list[str], dtype: torch.dtype) -> torch.Tensor:
@@ -114,16 +114,20 @@ def _merge_in_place(weight: torch.Tensor, delta: torch.Tensor) -> _Undo:
     ints = _BITS[weight.element_size()]
     original = weight.view(ints).clone()
     weight.add_(delta)
-    # int32 arithmetic wraps around; a restore adds back modulo 2**32, so it is exact even then,
-    # and a wrapped difference can never pass for a small one between finite floats
-    diff = original - (weight - delta).view(ints)
-    checksum = int(original.sum(dtype=torch.int64))
-    moved = diff.flatten().nonzero().squeeze(1)
-    if moved.numel() * (moved.element_size() + original.element_size()) <= diff.numel():
-        return _Undo(None, moved, original.flatten()[moved], checksum)
-    small = diff.to(torch.int8)
-    whole = (small.to(ints) != diff).flatten().nonzero().squeeze(1)
-    return _Undo(small, whole, original.flatten()[whole], checksum)
+    try:
+        # int32 arithmetic wraps around; a restore adds back modulo 2**32, so it is exact even
+        # then, and a wrapped difference can never pass for a small one between finite floats
+        diff = original - (weight - delta).view(ints)
+        checksum = int(original.sum(dtype=torch.int64))
+        moved = diff.flatten().nonzero().squeeze(1)
+        if moved.numel() * (moved.element_size() + original.element_size()) <= diff.numel():
+            return _Undo(None, moved, original.flatten()[moved], checksum)
+        small = diff.to(torch.int8)
+        whole = (small.to(ints) != diff).flatten().nonzero().squeeze(1)
+        return _Undo(small, whole, original.flatten()[whole], checksum)
+    except BaseException:  # out of memory, interrupted: not left merged without its undo
+        weight.copy_(original.view(weight.dtype))
+        raise
 
 
 def _unmerge_in_place(weight: torch.Tensor, delta: torch.Tensor, undo: _Undo) -> bool:

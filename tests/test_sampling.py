@@ -29,13 +29,17 @@ def lora_model(tiny_model):
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")
     )
+    return trained_looking(model), tok
+
+
+def trained_looking(model):
+    """Random LoRA B (seeded), so merging changes W; in eval mode."""
     torch.manual_seed(0)
     with torch.no_grad():
         for n, q in model.named_parameters():
             if "lora_B" in n:
                 q.normal_(0.0, 0.2)
-    model.eval()
-    return model, tok
+    return model.eval()
 
 
 def encode(tok, prompts=PROMPTS):
@@ -234,13 +238,7 @@ def test_a_lora_on_a_head_tied_to_the_embedding_merges_into_a_copy(tiny_model):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     base.lm_head.weight = base.model.embed_tokens.weight  # tied, as in SmolLM2
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if "lora_B" in n:
-                q.normal_(0.0, 0.2)
-    model.eval()
+    model = trained_looking(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))
     embedding = base.model.embed_tokens.weight
     before = embedding.detach().clone()
     x = torch.tensor([[5, 17, 40, 99, 230]])
