@@ -70,7 +70,6 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
 def describe() -> dict[str, Any]:
     """The hardware facts a run records in artifact.json (figures are only comparable with them),
     with the C allocator the process runs on (``allocator``: jemalloc or glibc, see align.malloc)."""
-
     model, flags = _cpuinfo()
     info: dict[str, Any] = {
         "cpu": model,
