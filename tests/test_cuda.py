@@ -123,3 +123,65 @@ def test_classifier_head_trains_on_a_qlora_base_on_cuda(tiny_model, tmp_path):
         tmp_path / "cls",
     )
     assert m["train/loss"] < m["train/first_loss"] and 0 <= m["eval/roc_auc"] <= 1
+
+
+def test_sampling_merges_a_bf16_base_in_place_on_cuda_and_restores_it_to_the_bit(tiny_model):
+    from peft import get_peft_model
+
+    from align import backbone, sampling
+
+    cfg = _cfg(tiny_model, "adapter.r=4", "model.dtype=bfloat16")
+    bb = backbone.build(cfg)
+    assert bb.runtime.dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = get_peft_model(bb.model, bb.peft_config)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    params = sampling.SamplingParams(max_new_tokens=8)
+    done = sampling.sample(model, prompts, params, stop=[], pad_id=0)
+    assert [len(c.ids) for c in done] == [8, 8]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # restored to the bit
+    again = sampling.sample(model, prompts, params, stop=[], pad_id=0)  # greedy: the same merge again
+    assert [c.ids for c in again] == [c.ids for c in done]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        "lora",
+        pytest.param(
+            "prompt",
+            marks=pytest.mark.xfail(
+                strict=False,
+                reason="on an H200 (2026-11-30) prompt tuning at lr 0.1 oscillated (0.81 -> 2.89 -> 0.41 -> 1.19) "
+                "where the CPU, bf16 or fp32, falls to 0.02 with the same settings; not yet explained",
+            ),
+        ),
+    ],
+)
+def test_classifier_head_on_a_bf16_base_is_fp32_and_learns_on_cuda(tiny_model, tmp_path, adapter):
+    from align.stages import execute
+
+    m = execute(
+        compose(
+            *tiny_overrides(
+                tiny_model,
+                "device=cuda",
+                "stage=classify",
+                f"adapter={adapter}",
+                "model.dtype=bfloat16",
+                "data.max_train_rows=32",
+                "data.max_eval_rows=16",
+                "train.max_steps=12",
+                "train.batch_size=4",
+                f"train.lr={'1e-1' if adapter == 'prompt' else '1e-3'}",  # as tests/test_methods.py
+            )
+        ),
+        tmp_path / "cls",
+    )
+    assert m["train/loss"] < m["train/first_loss"], m
