@@ -161,19 +161,25 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
     the input embedding: merged in place, the embedding would change too)."""
     layers = [(layer, _mergeable(layer)) for layer in _lora_layers(model)] if enabled else []
     layers = [(layer, names) for layer, names in layers if names]
-    if layers:
-        weights = [layer.get_base_layer().weight for layer, _ in layers]
-        copy = dtype is not None and dtype != weights[0].dtype
-        need = sum(w.numel() * (dtype.itemsize if copy else 1) for w in weights)  # (in place: at most)
-        if need > MEMORY_SHARE * 2 * available_memory(weights[0].device):
-            log.info("not merging the adapter for sampling: %.0f MB would not fit", need / 2**20)
-            layers = []
-    saved: list[tuple[Any, list[str], torch.Tensor | _Undo]] = []
     tied = (
         collections.Counter(q.data_ptr() for _, q in model.named_parameters(remove_duplicate=False))
         if layers
         else {}
     )
+    copy = bool(layers) and dtype is not None and dtype != layers[0][0].get_base_layer().weight.dtype
+
+    def copied(weight) -> bool:  # the layer gets its own merged parameter, not an in-place merge
+        return copy or tied[weight.data_ptr()] > 1
+
+    if layers:
+        weights = [layer.get_base_layer().weight for layer, _ in layers]
+        need = sum(  # a copy: whole weights; in place: at most a byte a weight to undo it
+            w.numel() * ((dtype or w.dtype).itemsize if copied(w) else 1) for w in weights
+        )
+        if need > MEMORY_SHARE * 2 * available_memory(weights[0].device):
+            log.info("not merging the adapter for sampling: %.0f MB would not fit", need / 2**20)
+            layers = []
+    saved: list[tuple[Any, list[str], torch.Tensor | _Undo]] = []
     try:
         # the merge itself is exact whatever autocast the caller runs under (peft's B @ A would
         # otherwise run in bf16 inside one); only a copy takes ``dtype``
@@ -182,8 +188,7 @@ def merged_adapter(model, *, enabled: bool = True, dtype: torch.dtype | None = N
             for layer, names in layers:
                 weight = layer.get_base_layer().weight
                 delta = _delta(layer, names, weight.dtype)
-                if copy or tied[weight.data_ptr()] > 1:
-                    # the layer gets its own merged parameter; a tied one keeps the original
+                if copied(weight):  # a tied weight keeps the original for what shares it
                     saved.append((layer, names, weight))
                     merged = (weight.data + delta).to(dtype or weight.dtype)
                     layer.get_base_layer().weight = nn.Parameter(merged, requires_grad=False)

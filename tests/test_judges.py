@@ -233,6 +233,14 @@ def test_ifeval_reward_message_completions():
     assert ifeval_reward(prompts, completions, constraints) == [1.0, 0.0]
 
 
+def test_an_empty_answer_earns_no_reward_though_it_passes_negative_constraints():
+    negative = [{"type": "lowercase"}, {"type": "no_commas"}, {"type": "max_words", "n": 50}]
+    assert judge(negative, "") is True  # IFEval's verdict, which evaluation keeps
+    assert score(negative, "") == 1.0
+    assert ifeval_reward(["p"] * 3, ["", "  \n", "fine"], constraints=[negative] * 3) == [0.0, 0.0, 1.0]
+    assert ifeval_reward(["p"], [[{"role": "assistant", "content": " "}]], [negative]) == [0.0]
+
+
 def test_ifeval_reward_needs_constraints():
     with pytest.raises(ValueError, match="constraints"):
         ifeval_reward(["p"], ["c"])

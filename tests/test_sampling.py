@@ -252,6 +252,28 @@ def test_a_lora_on_a_head_tied_to_the_embedding_merges_into_a_copy(tiny_model):
     assert torch.equal(embedding, before)
 
 
+def test_the_fit_check_counts_a_tied_heads_copy_in_full(tiny_model, monkeypatch):
+    """In place, a merge keeps at most a byte a weight to undo itself; a tied head's merge is a
+    whole fp32 copy, and the memory check must count it so."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base.lm_head.weight = base.model.embed_tokens.weight
+    model = trained_looking(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))
+    q = [m.get_base_layer().weight.numel() for n, m in model.named_modules() if n.endswith("q_proj")]
+    head = base.lm_head.weight.numel()
+    in_place_only = sum(q) + head  # the old estimate: a byte per weight everywhere
+    with_copy = sum(q) + 4 * head
+    budget = (in_place_only + with_copy) // 2  # fits the old estimate, not the copy
+    monkeypatch.setattr(sampling, "available_memory", lambda device: budget / (sampling.MEMORY_SHARE * 2))
+    with sampling.merged_adapter(model) as merged:
+        assert not merged
+    monkeypatch.setattr(sampling, "available_memory", lambda device: with_copy / (sampling.MEMORY_SHARE * 2))
+    with sampling.merged_adapter(model) as merged:
+        assert merged
+
+
 def test_a_restore_that_is_not_to_the_bit_says_so(lora_model, monkeypatch, caplog):
     """The restore recomputes B A s; should that come out differently (a matmul that is not
     deterministic), the checksum notices and the run says so instead of passing silently."""
