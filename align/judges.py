@@ -272,8 +272,8 @@ def ifeval_reward(prompts, completions, constraints=None, **kwargs) -> list[floa
 
     An empty (or whitespace-only) completion earns 0: as IFEval checks it, it passes every
     constraint that forbids something (lowercase, no commas, at most n words), 0.32 on average
-    over the shipped training prompts, more than a real answer of an SFT model earns, so a
-    policy trained against this reward learns to stop at once (docs/ppo.md, TRL 1.12's PPO).
+    over the shipped training prompts, about what an SFT model's real answers earn, so a policy
+    trained against this reward can learn to stop at once (docs/ppo.md, TRL 1.12's PPO).
     Evaluation scores with :func:`score` and keeps IFEval's verdict.
     """
     if constraints is None:
