@@ -22,6 +22,21 @@ def _cfg(tiny_model, *extra: str):
     return compose(*tiny_overrides(tiny_model, "device=cuda", *extra))
 
 
+def _lora_on_cuda(tiny_model, dtype: str):
+    """The tiny model on the GPU in ``dtype`` with a LoRA whose B is not zero, in eval mode."""
+    from peft import get_peft_model
+
+    from align import backbone
+
+    bb = backbone.build(_cfg(tiny_model, "adapter.r=4", f"model.dtype={dtype}"))
+    torch.manual_seed(0)
+    model = get_peft_model(bb.model, bb.peft_config)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    return model.eval()
+
+
 def test_qlora_on_cuda_is_nf4_with_bf16_compute_and_trains_only_adapters(tiny_model):
     import bitsandbytes as bnb
     from peft import get_peft_model
@@ -50,18 +65,10 @@ def test_qlora_on_cuda_is_nf4_with_bf16_compute_and_trains_only_adapters(tiny_mo
 
 
 def test_sampling_on_cuda_is_greedy_generate_and_unmerges_exactly(tiny_model):
-    from peft import get_peft_model
 
-    from align import backbone, sampling
+    from align import sampling
 
-    cfg = _cfg(tiny_model, "adapter.r=4", "model.dtype=float32")
-    bb = backbone.build(cfg)
-    torch.manual_seed(0)
-    model = get_peft_model(bb.model, bb.peft_config)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
-    model.eval()
+    model = _lora_on_cuda(tiny_model, "float32")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     done = sampling.sample(model, prompts, sampling.SamplingParams(max_new_tokens=8), stop=[], pad_id=0)
@@ -126,19 +133,11 @@ def test_classifier_head_trains_on_a_qlora_base_on_cuda(tiny_model, tmp_path):
 
 
 def test_sampling_merges_a_bf16_base_in_place_on_cuda_and_restores_it_to_the_bit(tiny_model):
-    from peft import get_peft_model
 
-    from align import backbone, sampling
+    from align import sampling
 
-    cfg = _cfg(tiny_model, "adapter.r=4", "model.dtype=bfloat16")
-    bb = backbone.build(cfg)
-    assert bb.runtime.dtype == torch.bfloat16
-    torch.manual_seed(0)
-    model = get_peft_model(bb.model, bb.peft_config)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
-    model.eval()
+    model = _lora_on_cuda(tiny_model, "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     params = sampling.SamplingParams(max_new_tokens=8)
