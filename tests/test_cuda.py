@@ -65,7 +65,6 @@ def test_qlora_on_cuda_is_nf4_with_bf16_compute_and_trains_only_adapters(tiny_mo
 
 
 def test_sampling_on_cuda_is_greedy_generate_and_unmerges_exactly(tiny_model):
-
     from align import sampling
 
     model = _lora_on_cuda(tiny_model, "float32")
@@ -133,7 +132,6 @@ def test_classifier_head_trains_on_a_qlora_base_on_cuda(tiny_model, tmp_path):
 
 
 def test_sampling_merges_a_bf16_base_in_place_on_cuda_and_restores_it_to_the_bit(tiny_model):
-
     from align import sampling
 
     model = _lora_on_cuda(tiny_model, "bfloat16")

@@ -42,6 +42,17 @@ def trained_looking(model):
     return model.eval()
 
 
+def tied_head_lora(tiny_model):
+    """A LoRA on q_proj and on an LM head tied to the input embedding (as in SmolLM2), trained-looking;
+    returns (peft model, base model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base.lm_head.weight = base.model.embed_tokens.weight
+    return trained_looking(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))), base
+
+
 def encode(tok, prompts=PROMPTS):
     return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
@@ -233,12 +244,7 @@ def test_in_place_merge_undoes_to_the_bit_where_rounding_is_large(dtype, scale):
 def test_a_lora_on_a_head_tied_to_the_embedding_merges_into_a_copy(tiny_model):
     """Merged in place, a LoRA on an LM head that shares its weight with the input embedding
     would change the embedding too; that layer merges into a copy, the rest in place."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    base.lm_head.weight = base.model.embed_tokens.weight  # tied, as in SmolLM2
-    model = trained_looking(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))
+    model, base = tied_head_lora(tiny_model)
     embedding = base.model.embed_tokens.weight
     before = embedding.detach().clone()
     x = torch.tensor([[5, 17, 40, 99, 230]])
@@ -255,12 +261,7 @@ def test_a_lora_on_a_head_tied_to_the_embedding_merges_into_a_copy(tiny_model):
 def test_the_fit_check_counts_a_tied_heads_copy_in_full(tiny_model, monkeypatch):
     """In place, a merge keeps at most a byte a weight to undo itself; a tied head's merge is a
     whole fp32 copy, and the memory check must count it so."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    base.lm_head.weight = base.model.embed_tokens.weight
-    model = trained_looking(get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "lm_head"])))
+    model, base = tied_head_lora(tiny_model)
     q = [m.get_base_layer().weight.numel() for n, m in model.named_modules() if n.endswith("q_proj")]
     head = base.lm_head.weight.numel()
     in_place_only = sum(q) + head  # the old estimate: a byte per weight everywhere
