@@ -373,3 +373,64 @@ def test_growing_cache_layer_writes_in_place_and_matches_dynamic_layer():
         layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
     step(1, batch=3)
     assert grow.get_seq_length() == ref.get_seq_length() == 5 + sampling.CACHE_GROW + 1 + 2 - 3
+
+
+def test_swap_remove_fills_freed_slots_from_the_tail():
+    assert sampling.swap_remove([False, True, False, True, False, False]) == [0, 4, 2, 5]
+    assert sampling.swap_remove([False, False, True]) == [0, 1]
+    assert sampling.swap_remove([True, True]) == []
+    assert sampling.swap_remove([True, False, False]) == [2, 1]
+
+
+def test_cache_drops_crops_and_joins_without_copying_the_whole_cache():
+    """Dropping rows (swap-remove order), cropping leading columns and joining new rows give
+    what transformers' DynamicLayer holds, and the first two keep the buffer they had."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    grow, ref = sampling._growing_layer_class()(), DynamicLayer()
+
+    def step(n, batch):
+        k, v = torch.randn(batch, 2, n, 8), torch.randn(batch, 2, n, 8)
+        a, b = grow.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    step(5, batch=6)
+    step(1, batch=6)
+    buffer = grow._kbuf.data_ptr()
+    keep = torch.tensor(sampling.swap_remove([False, True, False, True, False, False]))
+    grow.batch_select_indices(keep)
+    ref.batch_select_indices(keep)
+    assert torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
+    grow.crop_left(2)
+    ref.keys, ref.values = ref.keys[:, :, 2:], ref.values[:, :, 2:]
+    step(1, batch=4)
+    assert grow._kbuf.data_ptr() == buffer  # rows moved and columns cropped in place
+    # join two new rows with a longer cache: both left-padded with zeros to the longer one
+    k2, v2 = torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    keys = sampling._stacked_left_padded(grow.keys, k2, 7, sampling.CACHE_GROW)
+    values = sampling._stacked_left_padded(grow.values, v2, 7, sampling.CACHE_GROW)
+    grow.use_buffers(keys, values, 7)
+    pad = ref.keys.new_zeros(4, 2, 7 - ref.keys.size(2), 8)
+    ref.keys = torch.cat([torch.cat([pad, ref.keys], 2), k2])
+    ref.values = torch.cat([torch.cat([pad, ref.values], 2), v2])
+    assert torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
+    joined = grow._kbuf.data_ptr()
+    step(1, batch=6)
+    assert grow._kbuf.data_ptr() == joined  # the joined buffer has room: the next token is written in place
+
+
+def test_skinny_linears_give_f_linear_results_and_restore_the_layers(lora_model):
+    model, tok = lora_model
+    ids = torch.tensor(encode(tok, ["hello the water", "x y z a"])[1:] * 3)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with sampling.skinny_linears(model, "cpu", None) as n:
+            assert n > 0
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        with sampling.skinny_linears(model, "cpu", torch.bfloat16) as n:  # autocast: untouched
+            assert n == 0
+    with sampling.skinny_linears(model, "cpu", None) as n:  # autograd on: untouched
+        assert n == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
