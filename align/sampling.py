@@ -14,7 +14,10 @@ rather than arithmetic:
 * greedy decoding returns the log-prob of every chosen token from the decode step itself,
   so the KL to a reference needs one forward pass (the reference's), not two;
 * under bf16 autocast the LM head computes from a bf16 copy of its weight made once
-  (:func:`head_in_dtype`), not from a cast of the fp32 weight on every step.
+  (:func:`head_in_dtype`), not from a cast of the fp32 weight on every step;
+* on CPU in fp32, a decode step's skinny matmuls run as ``W @ x.T`` (:func:`skinny_linears`),
+  and rows that finish, leading columns nobody needs and newly joined prompts never copy the
+  whole KV cache (:func:`_growing_layer_class`).
 
 The forward passes over finished completions (:func:`token_logprobs`) run only the positions
 that are scored through the LM head, ``LOGPROB_CHUNK`` tokens at a time.
