@@ -747,21 +747,28 @@ class _Decoder:
             mask = mask[:, unused:]
         return mask
 
-    def _choose(self, logits):
+    def _choose(self, logits, live):
         if self.greedy:
             token = logits.argmax(-1)
             lp = (logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)).tolist()
             return token, lp
         probs = torch.softmax(self.warpers(None, logits), dim=-1)  # these warpers ignore the ids
-        return torch.multinomial(probs, num_samples=1).squeeze(1), None
+        # draw in the order the rows joined (what the batch's order was before swap-remove
+        # reordered it): a seed gives the same tokens as before
+        joined = torch.argsort(self.rank[live])
+        token = torch.empty(probs.size(0), dtype=torch.long, device=probs.device)
+        token[joined] = torch.multinomial(probs[joined], num_samples=1).squeeze(1)
+        return token, None
 
     def run(self, order: list[int]) -> list[Completion]:
+        self.rank = torch.empty(len(self.prompt_ids), dtype=torch.long, device=self.device)
+        self.rank[torch.tensor(order, device=self.device)] = torch.arange(len(order), device=self.device)
         queue = list(order)
         first, queue = queue[: self.bs], queue[self.bs :]
         cache, mask, next_pos, logits, live = self._prefill(first)
         joinable = self._can_join(cache)
         while live.numel():
-            token, lp = self._choose(logits)
+            token, lp = self._choose(logits, live)
             hit = torch.isin(token, self.stop_t)
             finished: list[bool] = []
             for r, (i, t, h) in enumerate(zip(live.tolist(), token.tolist(), hit.tolist(), strict=True)):

@@ -4,6 +4,8 @@ others, and size its batches within a cap."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -434,3 +436,24 @@ def test_skinny_linears_give_f_linear_results_and_restore_the_layers(lora_model)
     with sampling.skinny_linears(model, "cpu", None) as n:  # autograd on: untouched
         assert n == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_seed_draws_the_same_tokens_whatever_order_finished_rows_leave_in(lora_model, monkeypatch):
+    """Swap-remove reorders the batch; sampled rows still draw in the order they joined, so a
+    seed gives the tokens that the old in-order compaction gave."""
+    model, tok = lora_model
+    hot = sampling.SamplingParams(max_new_tokens=12, temperature=1.3)
+
+    def draw(bs, stop):
+        torch.manual_seed(7)
+        done = sampling.sample(model, encode(tok), hot, stop=stop, pad_id=tok.pad_token_id, batch_size=bs)
+        return [c.ids for c in done]
+
+    counts = collections.Counter(t for ids in draw(6, [-1]) for t in ids[2:])
+    stop = [t for t, _ in counts.most_common(3)]  # tokens these draws emit: rows end at different steps
+    swapped = {bs: draw(bs, stop) for bs in (3, 6)}
+    assert len({len(ids) for ids in swapped[6]}) > 1  # rows left at different steps
+    monkeypatch.setattr(
+        sampling, "swap_remove", lambda finished: [r for r, f in enumerate(finished) if not f]
+    )
+    assert {bs: draw(bs, stop) for bs in (3, 6)} == swapped
