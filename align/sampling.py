@@ -582,7 +582,7 @@ def _growing_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n = key_states.size(-2)
-            if self._kbuf is None or self.keys is not self._kview or self.values is not self._vview:
+            if not self._owns_views():
                 self._adopt(key_states, value_states, n)  # first step, or replaced from outside
             elif self._end + n > self._kbuf.size(-2):
                 self._adopt(key_states, value_states, n)  # full
@@ -592,6 +592,11 @@ def _growing_layer_class():
             self._views()
             return self.keys, self.values
 
+        def _owns_views(self) -> bool:
+            """Whether keys/values are still this layer's views of its buffers (not replaced
+            from outside, as transformers' own cache methods do)."""
+            return self._kbuf is not None and self.keys is self._kview and self.values is self._vview
+
         def _views(self) -> None:
             self.keys = self._kview = self._kbuf[..., self._start : self._end, :]
             self.values = self._vview = self._vbuf[..., self._start : self._end, :]
@@ -599,7 +604,7 @@ def _growing_layer_class():
         def _adopt(self, key_states, value_states, incoming: int) -> None:
             """Move the current keys/values (none on the first step) into new buffers with room
             for ``incoming`` + CACHE_GROW more tokens."""
-            length = self.keys.size(-2) if self.keys is not None and self.keys.dim() == 4 else 0
+            length = self.keys.size(-2) if self.keys.dim() == 4 else 0  # lazy init: an empty 1-d tensor
             bufs = []
             for cur, new in ((self.keys, key_states), (self.values, value_states)):
                 buf = new.new_empty((*new.shape[:2], length + incoming + CACHE_GROW, new.shape[3]))
@@ -615,14 +620,14 @@ def _growing_layer_class():
 
         def crop_left(self, n: int) -> None:
             """Drop the first ``n`` tokens of every row: the views start later, nothing is copied."""
-            if self._kbuf is None or self.keys is not self._kview or self.values is not self._vview:
+            if not self._owns_views():
                 self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
                 return
             self._start += n
             self._views()
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self._kbuf is None or self.keys is not self._kview or self.values is not self._vview:
+            if not self._owns_views():
                 return super().batch_select_indices(indices)
             n, rows = indices.numel(), indices.tolist()
             if all(i == j or i >= n for j, i in enumerate(rows)):
