@@ -94,7 +94,7 @@ class Row:
 
 @dataclass
 class Split:
-    train: Any  # datasets.Dataset
+    train: Any  # datasets.Dataset (a list of dicts with data.load(as_dataset=False))
     eval: Any | None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -846,10 +846,14 @@ def load(
     needed_train_rows: int | None = None,
     tokenizer: Any = None,
     max_length: int | None = None,
+    as_dataset: bool = True,
 ) -> Split:
     """Validated train and held-out datasets of ``kind`` (sft | preference | prompt | classify |
     unpaired; an unpaired load splits pairs into rows after the held-out split, and its row caps
     count those rows).
+
+    ``as_dataset=False`` gives the rows as lists of dicts instead of disk-backed Datasets, for
+    a stage that only iterates them (PPO): it never imports ``datasets`` (~90 MB of RSS).
 
     ``needed_train_rows`` (from train.max_steps) caps how many shuffled rows are kept, so
     a short run does not tokenize a whole corpus it will never see. With ``tokenizer`` and
@@ -910,6 +914,8 @@ def load(
                 file=sys.stderr,
                 flush=True,
             )
+    if not as_dataset:
+        return Split(train=train_rows, eval=eval_rows or None, info=info)
     return Split(
         train=cached_dataset(train_rows), eval=cached_dataset(eval_rows) if eval_rows else None, info=info
     )

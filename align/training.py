@@ -43,9 +43,10 @@ def needed_train_rows(cfg: Any) -> int | None:
     return t.max_steps * t.batch_size * t.grad_accum * world_size()
 
 
-def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
+def load_data(cfg: Any, kind: str, needed_train_rows: int | None, *, as_dataset: bool = True):
     """The stage's validated rows (``data.load``), prompts checked against ``model.max_length``
-    with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``."""
+    with the model's tokenizer: a longer one is an error, or dropped with ``data.on_error=skip``.
+    ``as_dataset=False``: lists of dicts, for a stage that only iterates its rows."""
     from align import backbone, data
 
     tokenizer = backbone.tokenizer_for(cfg)
@@ -56,6 +57,7 @@ def load_data(cfg: Any, kind: str, needed_train_rows: int | None):
         needed_train_rows=needed_train_rows,
         tokenizer=tokenizer,
         max_length=cfg.model.max_length,
+        as_dataset=as_dataset,
     )
     if cfg.data.get("replay") and kind == "sft":
         split = data.mix_replay(

@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> None:
     path = backbone.resolve_model_path(cfg.model)
     tokenizer = backbone.load_tokenizer(path, cfg.model)
     models = ppo.build_models(cfg, path, rt, reward_dir=args.reward)
-    rows = [dict(r) for r in data.load(cfg.data, "prompt", seed=0, needed_train_rows=64).train]
+    rows = data.load(cfg.data, "prompt", seed=0, needed_train_rows=64, as_dataset=False).train  # as stage=ppo
     trainer = ppo.PPOTrainer(cfg, models, tokenizer, rt.device, autocast_dtype=rt.autocast_dtype)
     history = trainer.train(rows, seed=0)
     timed = history[1:] or history

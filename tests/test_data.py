@@ -159,6 +159,16 @@ def test_load_holds_out_a_fraction_and_caps_train_rows(tmp_path):
     assert len(capped.train) == 8 and len(capped.eval) == 10
 
 
+def test_load_as_rows_gives_the_datasets_rows_in_order(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", _pairs(40))
+    cfg = compose(f"data.train={p}", "data.eval_fraction=0.25")
+    ds = data.load(cfg.data, "preference", seed=0, needed_train_rows=8)
+    rows = data.load(cfg.data, "preference", seed=0, needed_train_rows=8, as_dataset=False)
+    assert isinstance(rows.train, list) and isinstance(rows.eval, list)
+    assert rows.train == [dict(r) for r in ds.train] and rows.eval == [dict(r) for r in ds.eval]
+    assert rows.info == ds.info
+
+
 def test_shipped_data_uses_held_out_topics_for_dpo_eval():
     cfg = compose()
     split = data.load(cfg.data, "preference", seed=0, needed_train_rows=16)

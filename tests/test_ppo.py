@@ -345,9 +345,15 @@ def test_ppo_raises_a_programmatic_reward_with_finite_kl(tiny_model):
         assert math.isfinite(history[-1][key]), key
 
 
-def test_stage_ppo_with_judge_logs_to_wandb_and_leaves_an_artifact(tiny_model, tmp_path):
+def test_stage_ppo_with_judge_logs_to_wandb_and_leaves_an_artifact(tiny_model, tmp_path, monkeypatch):
+    from align import data as data_module
     from align.stages import execute
     from align.tracking import read_offline_run
+
+    def no_dataset(rows):  # PPO only iterates its prompts: no disk-backed Dataset (nor `datasets`)
+        raise AssertionError("stage=ppo built a datasets.Dataset")
+
+    monkeypatch.setattr(data_module, "cached_dataset", no_dataset)
 
     rows = [
         {

@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     dist = ppo.Dist.current()
     rollout_prompts = cfg.train.batch_size * cfg.train.grad_accum * p.num_mini_batches
     needed = cfg.train.max_steps * rollout_prompts * dist.world
-    split = training.load_data(cfg, "prompt", needed)
+    split = training.load_data(cfg, "prompt", needed, as_dataset=False)  # rows are only iterated
 
     rt = backbone.detect_runtime(cfg)
     path = backbone.resolve_model_path(cfg.model)
