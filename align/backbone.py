@@ -771,12 +771,18 @@ def tokenizer_for(cfg: Any):
 
 
 def build(
-    cfg: Any, *, task: str = "causal_lm", init_adapter: str | Path | None = None, num_labels: int = 1
+    cfg: Any,
+    *,
+    task: str = "causal_lm",
+    init_adapter: str | Path | None = None,
+    num_labels: int = 1,
+    keep_layers: int | None = None,
 ) -> Backbone:
     """Base model + tokenizer + adapter plan for a stage.
 
     Without ``init_adapter`` the trainer applies ``peft_config`` to the base. With it, the
     saved adapter is loaded trainable as ``default`` (the trainer then needs no config).
+    ``keep_layers``: only the first that many decoder layers (:func:`keep_decoder_layers`).
     """
     rt = detect_runtime(cfg)
     path = resolve_model_path(cfg.model, cfg.adapter)
@@ -785,10 +791,16 @@ def build(
     if init_adapter is not None and adapter_kind(cfg.adapter) == "none":
         raise AlignError("adapter=none cannot continue from an adapter; use adapter=lora (or qlora/dora)")
     model = load_base_model(path, cfg, rt, task, num_labels=num_labels)
+    keep_decoder_layers(model, keep_layers)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     pcfg = peft_config(cfg, task, model_path=path)
     if adapter_kind(cfg.adapter) == "freeze":
+        if keep_layers is not None and cfg.adapter.train_layers > keep_layers:
+            raise AlignError(
+                f"adapter.train_layers={cfg.adapter.train_layers} is more than the {keep_layers} decoder "
+                f"layers classify.layer={keep_layers} keeps; lower adapter.train_layers"
+            )
         earlier = load_freeze_weights(model, init_adapter) if init_adapter is not None else []
         apply_freeze(model, cfg, task, also=earlier)
         if rt.gradient_checkpointing:  # the frozen blocks below pass no grad: checkpointed ones need it
@@ -915,9 +927,16 @@ def apply_adapter(model, cfg: Any, pcfg: Any, rt: Runtime):
     return get_peft_model(model, pcfg)
 
 
-def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num_labels: int = 1):
-    """A finished run's model for inference: the base (as that run loaded it, quantized or not)
-    with its saved adapter, or the saved full model for adapter=none; and its tokenizer."""
+def load_trained(
+    cfg: Any,
+    adapter_dir: str | Path,
+    task: str = "causal_lm",
+    num_labels: int = 1,
+    keep_layers: int | None = None,
+):
+    """A finished run's model for inference: the base (as that run loaded it, quantized or not,
+    cut to ``keep_layers`` decoder layers as it was) with its saved adapter, or the saved full
+    model for adapter=none (saved with only the layers it kept); and its tokenizer."""
     from transformers import AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
@@ -933,6 +952,7 @@ def load_trained(cfg: Any, adapter_dir: str | Path, task: str = "causal_lm", num
         base = load_base_model(
             resolve_model_path(cfg.model, cfg.adapter), cfg, rt, task, num_labels=num_labels
         )
+        keep_decoder_layers(base, keep_layers)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
         model = load_adapter(base, adapter_dir, trainable=False)
@@ -1021,6 +1041,24 @@ def scalar_head_weight(extra: dict[str, torch.Tensor], hidden_size: int, where: 
         f"{where}: no scalar score head (score.weight of shape (1, {hidden_size})) among the saved "
         f"non-LoRA weights {found or '(none)'}; is it the output of stage=rm?"
     )
+
+
+def keep_decoder_layers(model, n: int | None, key: str = "classify.layer") -> None:
+    """Keep the first ``n`` decoder layers and drop the rest (None: keep all). The model's
+    output is then the final norm of layer ``n``'s hidden states: a middle layer, read by the
+    head, for a fraction of the cost (the dropped layers are neither run nor trained)."""
+    if n is None:
+        return
+    layers = decoder(model).layers
+    if not 1 <= n <= len(layers):
+        raise AlignError(f"{key}={n}: this model has {len(layers)} decoder layers; choose 1..{len(layers)}")
+    if n == len(layers):
+        return
+    decoder(model).layers = layers[:n]
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.num_hidden_layers = n
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:n]
 
 
 def decoder(model):

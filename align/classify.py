@@ -632,7 +632,7 @@ def evaluate_run(cfg: Any, out_dir: Path, tracker: Any) -> dict[str, Any]:
     rows = data.validate_rows(data.read_rows(str(source), cfg.data.split), "classify", cfg.data.columns)
     run_cfg = _cfg_from_run(cfg, art.run_dir, art.base_model)
     model, tokenizer, rt = load_trained(
-        run_cfg, art.adapter_dir, task="seq_cls", num_labels=labels.num_labels
+        run_cfg, art.adapter_dir, task="seq_cls", num_labels=labels.num_labels, keep_layers=saved.get("layer")
     )
     enc = encode(rows, tokenizer, labels, int(saved["max_length"]), saved.get("truncate", "middle"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -341,6 +341,10 @@ class ClassifyStageConfig:
     # last: the head on the last real token (exports as a plain AutoModelForSequenceClassification);
     # mean: averaged over the example's tokens (predictions need align; docs/classify.md)
     pooling: Pooling = Pooling.last
+    # read the hidden states after this decoder layer (1..the model's layers): the layers above
+    # it are dropped, neither run nor trained (a middle layer generalises better on the shipped
+    # code-defect set; docs/classify.md); null: the last layer
+    layer: int | None = None
     threshold: float | None = None  # binary: decision threshold; null: the F1-maximising one on eval
     predictions: bool = True  # write predictions.jsonl (and W&B ROC/PR plots) for the eval split
 

@@ -117,6 +117,31 @@ def test_mean_pooling_is_the_head_on_mean_hidden_states_packed_or_not(tiny_model
     assert not torch.allclose(last[1:], padded[1:], atol=1e-3)
 
 
+def test_a_kept_layer_is_the_head_on_that_layers_normed_states(tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    from align import backbone
+
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
+    cut = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2).eval()
+    cut.score.load_state_dict(full.score.state_dict())
+    backbone.keep_decoder_layers(cut, 1)
+    assert len(cut.model.layers) == 1 and cut.config.num_hidden_layers == 1
+    g = torch.Generator().manual_seed(2)
+    ex = [{"input_ids": torch.randint(5, 500, (n,), generator=g).tolist(), "label": 0} for n in (1, 30, 7)]
+    with torch.no_grad():
+        got = classify.class_logits(cut, classify.collate(ex, 3, packing=True, max_length=64), "mean")
+        by_hand = []
+        for e in ex:  # the full model's states after layer 1, through the final norm and the head
+            out = full(input_ids=torch.tensor([e["input_ids"]]), output_hidden_states=True)
+            by_hand.append(full.score(full.model.norm(out.hidden_states[1][0])).mean(0))
+        whole = classify.class_logits(full, classify.collate(ex, 3), "mean")
+    assert torch.allclose(got, torch.stack(by_hand), atol=1e-4), (got - torch.stack(by_hand)).abs().max()
+    assert not torch.allclose(got, whole, atol=1e-3)  # a different layer: different logits
+    with pytest.raises(AlignError, match=r"classify.layer=3: this model has 2 decoder layers; choose 1..2"):
+        backbone.keep_decoder_layers(full, 3)
+
+
 def test_first_fit_decreasing_packing_respects_capacity():
     bins = classify.pack([100, 30, 70, 20, 90, 10], 128)
     assert sorted(i for b in bins for i in b) == list(range(6))
@@ -358,6 +383,33 @@ def test_mean_pooling_learns_and_stage_eval_uses_it_and_export_refuses(tiny_mode
     assert scores[1] == pytest.approx(scores[0], abs=1e-2)
     assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-2)
     with pytest.raises(AlignError, match="classify.pooling=mean"):
+        execute(compose("stage=export", "tracking=disabled", f"export.from={run_dir}"), tmp_path / "x")
+
+
+def test_a_middle_layer_classifier_learns_trains_only_its_layers_and_stage_eval_reads_it(
+    tiny_model, tmp_path
+):
+    from safetensors.torch import load_file
+
+    run_dir, m, test = train_toy(
+        tiny_model, tmp_path, "train.max_steps=48", "train.lr=3e-3", "classify.layer=1", "train.autocast=none"
+    )
+    assert m["eval/roc_auc"] > 0.9, m
+    assert classify.read_classifier(run_dir)["layer"] == 1
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert any(".layers.0." in k for k in saved) and not any(".layers.1." in k for k in saved)
+    cols = ("data.columns.text=code", "data.columns.label=target")
+    e = execute(
+        compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols),
+        tmp_path / "eval",
+    )
+    scores = [
+        {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
+        for d in (run_dir, tmp_path / "eval")
+    ]
+    assert scores[1] == pytest.approx(scores[0], abs=1e-4)  # the same one-layer model, fp32
+    assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-6)
+    with pytest.raises(AlignError, match="classify.layer"):
         execute(compose("stage=export", "tracking=disabled", f"export.from={run_dir}"), tmp_path / "x")
 
 

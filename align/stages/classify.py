@@ -44,7 +44,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     train = classify.encode(train_rows, tokenizer, labels, max_len, truncate)
     held = classify.encode(eval_rows, tokenizer, labels, max_len, truncate)  # unknown labels fail here
 
-    bb = backbone.build(cfg, task="seq_cls", num_labels=labels.num_labels)
+    bb = backbone.build(cfg, task="seq_cls", num_labels=labels.num_labels, keep_layers=c.layer)
     model = backbone.apply_adapter(bb.model, cfg, bb.peft_config, bb.runtime)
     pad_id = bb.tokenizer.pad_token_id if bb.tokenizer.pad_token_id is not None else bb.tokenizer.eos_token_id
     args = training.trainer_args(ctx, bb.runtime, has_eval=bool(held.labels))
@@ -100,6 +100,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "max_length": max_len,
         "packing": packing,
         "pooling": pooling,
+        "layer": c.layer,
         "loss": c.loss.value,
         "focal_gamma": float(c.focal_gamma),
         "class_weights": class_weights,

@@ -154,6 +154,13 @@ def run(ctx: StageContext) -> dict[str, float]:
             f"differently. Score files with `python -m align stage=eval eval.model={art.run_dir} "
             "data.eval=<file>`, or retrain with classify.pooling=last to export"
         )
+    if art.stage == "classify" and classifier.get("layer") is not None:
+        raise AlignError(
+            f"export.from={src}: this classifier reads decoder layer {classifier['layer']} "
+            "(classify.layer), not the base's last; export writes the whole base, so it would predict "
+            f"differently. Score files with `python -m align stage=eval eval.model={art.run_dir} "
+            "data.eval=<file>`"
+        )
     if art.adapter_kind in PROMPT_LEARNING_KINDS:
         return _export_unmergeable(ctx, art, task)
     model, tokenizer = backbone.merged_model(_run_config(art), art.adapter_dir, task, num_labels=num_labels)
