@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -487,9 +488,43 @@ def sharded_training() -> bool:
     )
 
 
+def skip_bitsandbytes(cfg: Any) -> bool:
+    """Keep bitsandbytes out of a run whose base is not quantized (``adapter.bits=0``).
+
+    ``import peft`` imports bitsandbytes wherever it is installed (``peft/helpers.py``), and
+    its import loads native backends: ~115 MB of resident memory on CPU for a package an
+    unquantized run never calls. Marked absent in ``sys.modules`` before peft is imported,
+    every ``try: import bitsandbytes`` in the libraries takes its fallback and every
+    ``find_spec`` check answers "not installed". Loading a 4-/8-bit base later in the same
+    process (``stage=eval`` of a QLoRA run) lifts the mark first (:func:`quantization_config`).
+    Returns whether the mark was set; nothing is done once bitsandbytes is imported.
+    """
+    if cfg.adapter.bits or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import` raises ImportError
+    return True
+
+
+def _allow_bitsandbytes() -> None:
+    """Lift :func:`skip_bitsandbytes`'s mark and forget the "not installed" answers the
+    libraries cached meanwhile, so that a quantized base can load."""
+    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+        return
+    del sys.modules["bitsandbytes"]
+    for module, name in (
+        ("peft.import_utils", "is_bnb_available"),
+        ("peft.import_utils", "is_bnb_4bit_available"),
+        ("transformers.utils.import_utils", "is_bitsandbytes_available"),
+    ):
+        cached = getattr(sys.modules.get(module), name, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+
+
 def quantization_config(adapter_cfg: Any, rt: Runtime):
     if not adapter_cfg.bits:
         return None
+    _allow_bitsandbytes()
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,43 @@ def test_no_bitsandbytes_kernels_warning():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kernels" not in r.stderr, r.stderr[-2000:]
+
+
+def test_an_unquantized_run_skips_bitsandbytes_and_a_quantized_load_after_it_still_works(tiny_model):
+    """skip_bitsandbytes keeps `import peft` from importing bitsandbytes (a fresh process: this
+    one imported it long ago); a 4-bit base loaded later in the same process still gets
+    bitsandbytes, and peft still wraps its 4-bit layers (its cached "not installed" is forgotten)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import compose, tiny_overrides
+from align import backbone
+
+plain = compose(*tiny_overrides(Path(sys.argv[1])), "adapter.r=4")
+assert backbone.skip_bitsandbytes(plain)
+from peft import get_peft_model
+from peft.import_utils import is_bnb_available
+get_peft_model(backbone.build(plain).model, backbone.peft_config(plain))
+assert sys.modules["bitsandbytes"] is None and not is_bnb_available()
+
+quant = compose(*tiny_overrides(Path(sys.argv[1])), "adapter=qlora", "adapter.r=4")
+assert not backbone.skip_bitsandbytes(quant)
+bb = backbone.build(quant)
+import bitsandbytes as bnb
+assert sum(isinstance(m, bnb.nn.Linear4bit) for m in bb.model.modules()) == 2 * 7
+model = get_peft_model(bb.model, bb.peft_config)
+wrapped = {type(m).__module__ for m in model.modules() if hasattr(m, "lora_A")}
+assert wrapped == {"peft.tuners.lora.bnb"}, wrapped
+print("OK")
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_model), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-3000:]
