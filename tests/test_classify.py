@@ -281,6 +281,23 @@ def toy_rows(n: int, seed: int, words: list[str]) -> list[dict]:
     return rows
 
 
+def eval_again(run_dir, test, out, *extra: str):
+    """stage=eval of a classify run on the toy test file: its metrics, and the per-row scores of
+    the run's own predictions.jsonl and of the eval's (two {id: score} dicts)."""
+    cols = ("data.columns.text=code", "data.columns.label=target")
+    e = execute(
+        compose(
+            "stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols, *extra
+        ),
+        out,
+    )
+    scores = [
+        {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
+        for d in (run_dir, out)
+    ]
+    return e, scores
+
+
 def train_toy(tiny_model, d, *extra: str):
     """stage=classify on the toy task in ``d``: (run dir, metrics, held-out file)."""
     train = write_jsonl(d / "train.jsonl", toy_rows(192, 0, WORDS))
@@ -367,19 +384,11 @@ def test_mean_pooling_learns_and_stage_eval_uses_it_and_export_refuses(tiny_mode
         "train.lr=1e-2",  # the signal is 1 token in 4-42: the mean needs a larger step than "last"
         "classify.pooling=mean",
     )
-    cols = ("data.columns.text=code", "data.columns.label=target")
     assert m["eval/roc_auc"] > 0.9, m
     assert classify.read_classifier(run_dir)["pooling"] == "mean"
-    e = execute(
-        compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols),
-        tmp_path / "eval",
-    )
+    e, scores = eval_again(run_dir, test, tmp_path / "eval")
     # the saved pooling is used: the same scores, up to the adapter being merged in stage=eval
     # (1e-6 in fp32; up to ~3e-3 under bf16 autocast, which both sides use where the CPU has it)
-    scores = [
-        {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
-        for d in (run_dir, tmp_path / "eval")
-    ]
     assert scores[1] == pytest.approx(scores[0], abs=1e-2)
     assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-2)
     with pytest.raises(AlignError, match="classify.pooling=mean"):
@@ -398,15 +407,8 @@ def test_a_middle_layer_classifier_learns_trains_only_its_layers_and_stage_eval_
     assert classify.read_classifier(run_dir)["layer"] == 1
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert any(".layers.0." in k for k in saved) and not any(".layers.1." in k for k in saved)
-    cols = ("data.columns.text=code", "data.columns.label=target")
-    e = execute(
-        compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols),
-        tmp_path / "eval",
-    )
-    scores = [
-        {p["id"]: p["score"] for p in map(json.loads, (d / "predictions.jsonl").read_text().splitlines())}
-        for d in (run_dir, tmp_path / "eval")
-    ]
+    # fp32 on both sides (stage=eval would turn bf16 autocast on where the CPU has it)
+    e, scores = eval_again(run_dir, test, tmp_path / "eval", "train.autocast=none")
     assert scores[1] == pytest.approx(scores[0], abs=1e-4)  # the same one-layer model, fp32
     assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-6)
     with pytest.raises(AlignError, match="classify.layer"):
