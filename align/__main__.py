@@ -36,6 +36,7 @@ def config_dir() -> str:
 
 
 def run(cfg: DictConfig) -> float | None:
+    from align.backbone import skip_bitsandbytes
     from align.secrets import redact_text, scrub_files
     from align.stages import execute
 
@@ -47,6 +48,9 @@ def run(cfg: DictConfig) -> float | None:
     try:
         if cfg.resume:
             cfg = runs.resume_config(cfg, list(hc.overrides.task))
+        # this process is the run's: an unquantized base never needs bitsandbytes (~115 MB at
+        # import); not in execute(), where a notebook's later `import bitsandbytes` would fail
+        skip_bitsandbytes(cfg)
         metrics = execute(cfg, run_dir)
     except AlignError as e:
         where = runs.mark_failed(run_dir, e)

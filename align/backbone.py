@@ -488,6 +488,9 @@ def sharded_training() -> bool:
     )
 
 
+_bitsandbytes_skipped = False  # the None in sys.modules is skip_bitsandbytes's (not a test's or a user's)
+
+
 def skip_bitsandbytes(cfg: Any) -> bool:
     """Keep bitsandbytes out of a run whose base is not quantized (``adapter.bits=0``).
 
@@ -499,18 +502,23 @@ def skip_bitsandbytes(cfg: Any) -> bool:
     process (``stage=eval`` of a QLoRA run) lifts the mark first (:func:`quantization_config`).
     Returns whether the mark was set; nothing is done once bitsandbytes is imported.
     """
+    global _bitsandbytes_skipped
     if cfg.adapter.bits or "bitsandbytes" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import` raises ImportError
+    _bitsandbytes_skipped = True
     return True
 
 
 def _allow_bitsandbytes() -> None:
     """Lift :func:`skip_bitsandbytes`'s mark and forget the "not installed" answers the
     libraries cached meanwhile, so that a quantized base can load."""
-    if "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None:
+    global _bitsandbytes_skipped
+    if not _bitsandbytes_skipped:
         return
-    del sys.modules["bitsandbytes"]
+    _bitsandbytes_skipped = False
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        del sys.modules["bitsandbytes"]
     for module, name in (
         ("peft.import_utils", "is_bnb_available"),
         ("peft.import_utils", "is_bnb_4bit_available"),

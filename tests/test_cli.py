@@ -66,3 +66,22 @@ def test_multirun_sweeps_dpo_beta(tiny_model, tmp_path):
         assert manifest["stage"] == "dpo"
         betas.append(OmegaConf.load(sweep / job / "config.yaml").dpo.beta)
     assert betas == [0.05, 0.3]
+
+
+def test_an_unquantized_run_imports_peft_but_never_bitsandbytes(tiny_model, tmp_path, monkeypatch):
+    """peft imports bitsandbytes at import where it is installed (~115 MB of RSS); a CLI run with
+    adapter.bits=0 keeps it out (backbone.skip_bitsandbytes). Python's import log says which
+    modules the run's process imported (the env variable survives the jemalloc re-exec)."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    r = _align(
+        "stage=sft",
+        *tiny_overrides(tiny_model, "data=tiny", "train.max_steps=1"),
+        f"hydra.run.dir={tmp_path / 'r'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "peft" in imported and "trl" in imported
+    # the halted attempt is logged as "bitsandbytes" alone; a real import loads its submodules
+    assert not {m for m in imported if m.startswith("bitsandbytes.")}

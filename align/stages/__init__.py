@@ -12,12 +12,11 @@ from align.config import validate
 
 def execute(cfg: Any, run_dir: str | Path) -> dict[str, float]:
     """Validate ``cfg``, open the W&B run and run the stage into ``run_dir``."""
-    from align import backbone, runs, tracking
+    from align import runs, tracking
     from align.console import fold_data_bars, quiet_libraries
     from align.training import StageContext
 
     quiet_libraries()  # again: a test runner or notebook may have reset the warnings filters
-    backbone.skip_bitsandbytes(cfg)  # an unquantized run never needs it (~115 MB at import)
     validate(cfg)
     seed_everything(int(cfg.seed))
     run_dir = Path(run_dir)
