@@ -292,8 +292,11 @@ class Loaded:
 
 
 def _cfg_from_run(cfg: Any, run_dir: Path, base_model: str) -> Any:
-    """``cfg`` with the model/adapter sections the run was trained with (its config.yaml)."""
+    """``cfg`` with the model/adapter sections the run was trained with (its config.yaml), and
+    its precision (``train.autocast``) unless the eval command pins one (anything but ``auto``)."""
     from omegaconf import OmegaConf, open_dict
+
+    from align.config import Autocast
 
     new = copy.deepcopy(cfg)
     saved = run_dir / "config.yaml"
@@ -303,6 +306,9 @@ def _cfg_from_run(cfg: Any, run_dir: Path, base_model: str) -> Any:
             if section in old:
                 keep = {k: v for k, v in OmegaConf.to_container(old[section]).items() if k in new[section]}
                 new[section] = OmegaConf.merge(new[section], keep)
+        trained = OmegaConf.select(old, "train.autocast")
+        if trained is not None and Autocast(new.train.autocast) == Autocast.auto:
+            new.train.autocast = Autocast(trained)
     with open_dict(new):
         new.model.name_or_path = base_model
     return new

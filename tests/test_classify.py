@@ -281,14 +281,12 @@ def toy_rows(n: int, seed: int, words: list[str]) -> list[dict]:
     return rows
 
 
-def eval_again(run_dir, test, out, *extra: str):
+def eval_again(run_dir, test, out):
     """stage=eval of a classify run on the toy test file: its metrics, and the per-row scores of
     the run's own predictions.jsonl and of the eval's (two {id: score} dicts)."""
     cols = ("data.columns.text=code", "data.columns.label=target")
     e = execute(
-        compose(
-            "stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols, *extra
-        ),
+        compose("stage=eval", "tracking=disabled", f"eval.model={run_dir}", f"data.eval={test}", *cols),
         out,
     )
     scores = [
@@ -407,8 +405,8 @@ def test_a_middle_layer_classifier_learns_trains_only_its_layers_and_stage_eval_
     assert classify.read_classifier(run_dir)["layer"] == 1
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert any(".layers.0." in k for k in saved) and not any(".layers.1." in k for k in saved)
-    # fp32 on both sides (stage=eval would turn bf16 autocast on where the CPU has it)
-    e, scores = eval_again(run_dir, test, tmp_path / "eval", "train.autocast=none")
+    # stage=eval runs at the run's precision (fp32 here) even where its own `auto` would be bf16
+    e, scores = eval_again(run_dir, test, tmp_path / "eval")
     assert scores[1] == pytest.approx(scores[0], abs=1e-4)  # the same one-layer model, fp32
     assert e["eval/roc_auc"] == pytest.approx(m["eval/roc_auc"], abs=1e-6)
     with pytest.raises(AlignError, match="classify.layer"):

@@ -427,3 +427,22 @@ def test_reward_model_run_scores_completions_for_grpo_and_eval(
     m = execute(cfg, tmp_path / "eval")
     assert m["eval/rm/score"] > m["eval/base/rm/score"]
     assert m["eval/win_rate/rm"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("trained", "on_eval_command", "expected"),
+    [("none", "auto", "none"), ("bf16", "auto", "bf16"), ("auto", "auto", "auto"), ("none", "bf16", "bf16")],
+)
+def test_eval_runs_at_the_runs_precision_unless_the_eval_command_pins_one(
+    tmp_path, monkeypatch, trained, on_eval_command, expected
+):
+    from omegaconf import OmegaConf
+
+    from align import backbone
+
+    monkeypatch.setenv("ALIGN_CPU_BF16", "1")  # a CPU with native bf16, where `auto` means bf16
+    OmegaConf.save(compose("stage=sft", f"train.autocast={trained}"), tmp_path / "config.yaml")
+    cfg = compose("stage=eval", f"train.autocast={on_eval_command}")
+    run_cfg = evaluation._cfg_from_run(cfg, tmp_path, cfg.model.name_or_path)
+    assert run_cfg.train.autocast.value == expected
+    assert (backbone.detect_runtime(run_cfg).autocast_dtype is None) is (expected == "none")
