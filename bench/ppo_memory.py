@@ -78,7 +78,7 @@ def child(args: argparse.Namespace) -> None:
             *args.overrides,
         ]
     )
-    backbone.skip_bitsandbytes(cfg)  # as stage execution does for an unquantized base
+    backbone.skip_bitsandbytes(cfg)  # as `python -m align` does for an unquantized base
     rt = backbone.detect_runtime(cfg)
     path = backbone.resolve_model_path(cfg.model)
     tokenizer = backbone.load_tokenizer(path, cfg.model)
